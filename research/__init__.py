@@ -1,0 +1,1 @@
+"""research: a JAX/Flax NNX codebase for training Transformers at scale."""
