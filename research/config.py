@@ -81,12 +81,17 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict()
   o = c.optimizer
-  o.name = 'adamw'
+  o.name = 'adamw'  # 'adamw' | 'adafactor' | 'lion' | 'sgd' | 'muon'
   o.learning_rate = 3e-3
-  o.schedule = 'cosine'  # 'cosine' | 'constant'
+  o.schedule = 'cosine'  # 'cosine' | 'constant' | 'linear' | 'inverse_sqrt' | 'wsd'
   o.warmup_steps = 100
   o.decay_steps = 0  # 0: steps.
   o.min_lr_ratio = 0.1  # Floor of the decay as a fraction of the peak.
+  o.wsd_decay_fraction = 0.2  # wsd: the final fraction of the steps spent decaying.
+  o.wsd_decay_shape = 'linear'  # wsd: 'linear' | 'cosine' | 'sqrt' (1 - sqrt).
+  o.momentum = 0.9  # sgd.
+  o.frozen_regex = ''  # Params matching get no update and no optimizer state.
+  o.lr_multipliers = ()  # ((regex, multiplier), ...): first match scales the update.
   o.b1 = 0.9
   o.b2 = 0.95
   o.eps = 1e-8

@@ -1,0 +1,387 @@
+"""The trainer shared by pretraining and fine-tuning.
+
+Flow (each step is a function below):
+  validate config -> mesh -> tokenizer + data -> sharded state (created sharded under
+  jit) -> restore the latest checkpoint if the workdir has one -> loop -> final eval,
+  samples, summary.
+
+The train step is a pure jitted function of (state, batch) with explicit shardings and
+the state donated. The host never waits on a step before dispatching the next: the
+metrics of step s are fetched after step s+1 has been dispatched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from research import checkpoint as ckpt_lib
+from research import metrics as metrics_lib
+from research import sharding as shd
+from research.config import ConfigError
+from research.data import pipeline, sources, tokenizers
+from research.models import loss as loss_lib
+from research.models.transformer import Transformer, count_params, resolved_dims
+from research.optim import make_optimizer
+from research.validation import (check_batch_divisibility, check_tensor_divisibility,
+                                 validate_config)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class TrainState:
+  """What the loop carries: the NNX graph definition and the (sharded) state."""
+  graphdef: Any
+  state: Any  # nnx.State of (model, optimizer)
+  shardings: Any
+  schedule: optax.Schedule
+
+
+def resolve_vocab(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:
+  """Fills model.vocab_size=0 from the tokenizer; refuses a vocab the model can't hold."""
+  if config.model.vocab_size == 0:
+    config.model.vocab_size = tokenizer_vocab
+  elif tokenizer_vocab > config.model.vocab_size:
+    raise ConfigError(
+        f'the tokenizer has {tokenizer_vocab} tokens but model.vocab_size='
+        f'{config.model.vocab_size}; set model.vocab_size>={tokenizer_vocab} or 0 (auto).')
+
+
+def build_model(config: ml_collections.ConfigDict) -> Transformer:
+  rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+  return Transformer(config.model, rngs=rngs)
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       build: Callable[[], nnx.Module] | None = None,
+                       wrt: Any = nnx.Param) -> TrainState:
+  """Creates (model, optimizer) already sharded: eval_shape -> shardings -> jit init."""
+  tx, schedule = make_optimizer(config.optimizer, config.steps)
+  build = build or (lambda: build_model(config))
+
+  def create():
+    model = build()
+    return model, nnx.Optimizer(model, tx, wrt=wrt)
+
+  with shd.use_mesh(mesh):
+    abstract = nnx.eval_shape(create)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = shd.state_shardings(abstract_state, mesh)
+    init = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)
+    state = init()
+  return TrainState(graphdef, state, shardings, schedule)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def lm_objective(model: nnx.Module, batch: dict[str, jax.Array], z_loss: float,
+                 deterministic: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean next-token loss of a batch and its parts (float32)."""
+  logits = model(batch['inputs'], deterministic=deterministic)
+  loss, aux = loss_lib.lm_loss(logits, batch['targets'], batch['mask'], z_loss)
+  return loss, aux
+
+
+def _micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [k, B/k, ...], micro-batch i = rows i, i+k, ... (stays shard-local)."""
+  def split(x):
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def train_step(graphdef, state, batch, *, z_loss: float, accum_steps: int, wrt: Any = nnx.Param):
+  """One optimizer update, with gradients accumulated over ``accum_steps`` micro-batches.
+
+  Each micro-batch's mean loss is weighted by its share of the batch's real tokens, so
+  the accumulated gradient equals the full-batch gradient (not an average of means).
+  """
+  model, optimizer = nnx.merge(graphdef, state)
+  gdef_m, params, rest = nnx.split(model, wrt, ...)
+  total_tokens = jnp.maximum(batch['mask'].sum(), 1.0)
+
+  def weighted_loss(params, rest, micro):
+    m = nnx.merge(gdef_m, params, rest)
+    loss, aux = lm_objective(m, micro, z_loss, deterministic=False)
+    weight = micro['mask'].sum() / total_tokens
+    _, _, new_rest = nnx.split(m, wrt, ...)
+    return loss * weight, (jax.tree.map(lambda a: a * weight, aux), new_rest)
+
+  grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
+  if accum_steps == 1:
+    (loss, (aux, rest)), grads = grad_fn(params, rest, batch)
+  else:
+    def body(carry, micro):
+      g_acc, l_acc, a_acc, rest = carry
+      (l, (a, rest)), g = grad_fn(params, rest, micro)
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
+              jax.tree.map(jnp.add, a_acc, a), rest), None
+    zeros_g = jax.tree.map(jnp.zeros_like, params)
+    zeros_a = {'ce': 0.0, 'z_loss': 0.0, 'num_tokens': 0.0}
+    zeros_a = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_a)
+    (grads, loss, aux, rest), _ = jax.lax.scan(
+        body, (zeros_g, jnp.zeros((), jnp.float32), zeros_a, rest),
+        _micro_batches(batch, accum_steps))
+  nnx.update(model, rest)
+  optimizer.update(model, grads)
+  out = {'loss': aux['ce'], 'total_loss': loss, 'z_loss': aux['z_loss'],
+         'grad_norm': optax.global_norm(grads), 'num_tokens': total_tokens}
+  return nnx.state((model, optimizer)), out
+
+
+def eval_step(graphdef, state, batch):
+  """Summed cross-entropy and token count of one batch (deterministic)."""
+  model, _ = nnx.merge(graphdef, state)
+  loss, aux = lm_objective(model, batch, 0.0, deterministic=True)
+  n = batch['mask'].sum()
+  return {'ce_sum': aux['ce'] * n, 'num_tokens': n}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def device_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+                 ) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global arrays (same path for 1 or many processes)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def run_metadata(config, mesh, params: dict[str, int], corpus: dict[str, Any]) -> dict:
+  dev = jax.devices()[0]
+  return {
+      'config': config.to_dict(),
+      'jax_version': jax.__version__,
+      'python_version': platform.python_version(),
+      'device_kind': dev.device_kind,
+      'platform': dev.platform,
+      'device_count': jax.device_count(),
+      'process_count': jax.process_count(),
+      'mesh_shape': dict(mesh.shape),
+      'param_count': params,
+      'corpus': corpus,
+  }
+
+
+def write_json(path: str, obj: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def evaluate(config, tokenizer, eval_fn, train_state: TrainState, batch_sharding,
+             process_index: int, process_count: int) -> dict[str, float]:
+  """Mean loss over the first ``eval_steps`` batches of the validation split."""
+  it = pipeline.make_lm_iterator(
+      config, tokenizer, 'eval', batch_size_per_process=config.batch_size // process_count,
+      process_index=process_index, process_count=process_count, shuffle=False, repeat=False)
+  ce_sum, n = 0.0, 0.0
+  for i, batch in enumerate(it):
+    if i >= config.eval_steps:
+      break
+    out = eval_fn(train_state.state, device_batch(batch, batch_sharding))
+    ce_sum += float(out['ce_sum'])
+    n += float(out['num_tokens'])
+  if n == 0:
+    return {}
+  return {'loss': ce_sum / n, 'num_tokens': n}
+
+
+def write_samples(config, tokenizer, train_state: TrainState, workdir: str,
+                  is_main: bool) -> list[str]:
+  """Decodes a few continuations of ``sample_prompt`` with the KV cache."""
+  from research.decode import generate  # Late: only at the end of a run.
+  if config.num_samples <= 0:
+    return []
+  model, _ = nnx.merge(train_state.graphdef, train_state.state)
+  prompt = np.asarray(tokenizer.encode(config.sample_prompt), np.int32)
+  if getattr(tokenizer, 'bos_id', None) is not None:
+    prompt = np.concatenate([[tokenizer.bos_id], prompt]).astype(np.int32)
+  room = config.model.max_seq_len - len(prompt)
+  max_new = max(1, min(config.sample_len, room))
+  prompts = np.tile(prompt[None], (config.num_samples, 1))
+  tokens = generate(model, prompts, max_new_tokens=max_new,
+                    rng=jax.random.key(config.seed), temperature=config.sample_temperature,
+                    top_k=config.sample_top_k)
+  texts = [tokenizer.decode(np.asarray(t).tolist()) for t in tokens]
+  if is_main:
+    with open(os.path.join(workdir, 'samples.txt'), 'w') as f:
+      for i, t in enumerate(texts):
+        f.write(f'===== sample {i} (temperature={config.sample_temperature}, '
+                f'top_k={config.sample_top_k}) =====\n{t}\n')
+  return texts
+
+
+# --------------------------------------------------------------------------- main loop
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          stop_at_step: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) ``config`` in ``workdir`` and returns the summary.
+
+  ``stop_at_step`` ends the run early after checkpointing that step, as a preemption
+  would; rerunning with the same workdir continues it exactly.
+  """
+  t_start = time.time()
+  config = ml_collections.ConfigDict(config.to_dict())  # Own copy; we resolve values.
+  validate_config(config, workdir)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_main = process_index == 0
+  mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  check_batch_divisibility(config, dict(mesh.shape), process_count)
+  check_tensor_divisibility(config.model, mesh.shape['tensor'])
+  sources.validate_data_config(config.data)
+
+  tokenizer = tokenizers.make_tokenizer(config.data, workdir)
+  resolve_vocab(config, tokenizer.vocab_size)
+  train_iter = pipeline.make_lm_iterator(
+      config, tokenizer, 'train', batch_size_per_process=config.batch_size // process_count,
+      process_index=process_index, process_count=process_count, shuffle=True, repeat=True)
+
+  ts = create_train_state(config, mesh)
+  model_view, _ = nnx.merge(ts.graphdef, ts.state)
+  params = count_params(model_view)
+  del model_view
+  dims = resolved_dims(config.model)
+  flops_per_token = metrics_lib.model_flops_per_token(
+      params['non_embedding'], config.model.num_layers,
+      config.model.num_heads * dims['head_dim'], config.seq_len)
+  peak_flops, peak_source = metrics_lib.device_peak_flops()
+  peak_total = peak_flops * jax.device_count()
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                       max_to_keep=config.keep_checkpoints)
+  start_step, tokens_seen = 0, 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    abstract = ckpt_lib.abstract_with_shardings(ts.state, ts.shardings)
+    restored, meta = checkpointer.restore(latest, abstract, train_iter)
+    ts.state = restored
+    start_step, tokens_seen = int(meta['step']), int(meta['tokens_seen'])
+    logging.info('Resumed from step %d in %s', start_step, checkpointer.directory)
+
+  corpus = sources.corpus_info(config.data)
+  if is_main:
+    meta = run_metadata(config, mesh, params, corpus)
+    meta.update(peak_flops_per_device=peak_flops, peak_flops_source=peak_source,
+                model_flops_per_token=flops_per_token)
+    write_json(os.path.join(workdir, 'config.json'), meta)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=is_main)
+  logging.info('Model: %s params (%s non-embedding); mesh %s; %d devices',
+               f'{params["total"]:,}', f'{params["non_embedding"]:,}', dict(mesh.shape),
+               jax.device_count())
+
+  batch_sharding = shd.named(mesh, ('batch', 'seq'))
+  step_fn = jax.jit(
+      functools.partial(train_step, ts.graphdef, z_loss=config.loss.z_loss,
+                        accum_steps=config.optimizer.grad_accum_steps),
+      in_shardings=(ts.shardings, batch_sharding), out_shardings=(ts.shardings, None),
+      donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, ts.graphdef),
+                    in_shardings=(ts.shardings, batch_sharding))
+
+  tokens_per_step = config.batch_size * config.seq_len
+  last_eval: dict[str, float] = {}
+  last_train: dict[str, float] = {}
+  peak_tps, peak_mfu = 0.0, 0.0
+  pending = None  # (step, device metrics) fetched one step late.
+  window_t, window_steps = None, 0
+  time_to_first_step = None
+
+  def flush(pending_item, now):
+    nonlocal window_t, window_steps, last_train, peak_tps, peak_mfu, time_to_first_step
+    step, seen, dev_metrics = pending_item
+    m = jax.device_get(dev_metrics)
+    window_steps += 1
+    if window_t is None:  # First step: compile time, not throughput.
+      time_to_first_step = now - t_start
+      window_t, window_steps = now, 0
+      return
+    if step % config.log_every and step != config.steps:
+      return
+    if window_steps == 0:
+      return
+    dt = (now - window_t) / window_steps
+    tps = tokens_per_step / dt
+    mfu = tps * flops_per_token / peak_total
+    peak_tps, peak_mfu = max(peak_tps, tps), max(peak_mfu, mfu)
+    row = {'step': step, 'split': 'train', 'loss': float(m['loss']),
+           'learning_rate': float(ts.schedule(step - 1)), 'batch_size': config.batch_size,
+           'tokens_per_sec': tps, 'mfu': mfu, 'step_time_s': dt,
+           'grad_norm': float(m['grad_norm']), 'tokens_seen': seen}
+    if config.loss.z_loss:
+      row['z_loss'] = float(m['z_loss'])
+    last_train = row
+    writer.write(row)
+    eta = metrics_lib.format_duration(dt * (config.steps - step))
+    logging.info('step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  mfu %.1f%%  %.3fs/step  eta %s',
+                 step, config.steps, row['loss'], row['learning_rate'], tps, 100 * mfu, dt, eta)
+    window_t, window_steps = now, 0
+
+  def save(step):
+    checkpointer.save(step, ts.state, {'step': step, 'tokens_seen': tokens_seen}, train_iter)
+
+  with shd.use_mesh(mesh):
+    for step in range(start_step + 1, config.steps + 1):
+      batch = device_batch(next(train_iter), batch_sharding)
+      ts.state, dev_metrics = step_fn(ts.state, batch)
+      tokens_seen += tokens_per_step
+      if pending is not None:
+        flush(pending, time.time())
+      pending = (step, tokens_seen, dev_metrics)
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        save(step)
+      if config.eval_steps and (step % config.eval_every == 0 or step == config.steps):
+        flush(pending, time.time())
+        pending = None
+        last_eval = evaluate(config, tokenizer, eval_fn, ts, batch_sharding,
+                             process_index, process_count)
+        if last_eval:
+          writer.write({'step': step, 'split': 'eval', **last_eval})
+          logging.info('eval step %d  loss %.4f', step, last_eval['loss'])
+        window_t, window_steps = time.time(), 0
+      if stop_at_step is not None and step >= stop_at_step and step < config.steps:
+        if step % config.checkpoint_every:
+          save(step)
+        if pending is not None:
+          flush(pending, time.time())
+        writer.close()
+        checkpointer.close()
+        return {'stopped_at_step': step, 'tokens_seen': tokens_seen}
+    if pending is not None:
+      flush(pending, time.time())
+    checkpointer.wait()
+    samples = write_samples(config, tokenizer, ts, workdir, is_main)
+  for i, s in enumerate(samples):
+    logging.info('sample %d:\n%s', i, s)
+
+  summary = {
+      'steps': config.steps, 'tokens_seen': tokens_seen,
+      'final_train_loss': last_train.get('loss'), 'final_eval_loss': last_eval.get('loss'),
+      'wall_time_s': time.time() - t_start, 'time_to_first_step_s': time_to_first_step,
+      'param_count': params['total'], 'param_count_non_embedding': params['non_embedding'],
+      'peak_tokens_per_sec': peak_tps, 'peak_mfu': peak_mfu,
+      'resumed_from_step': start_step,
+  }
+  if is_main:
+    write_json(os.path.join(workdir, 'summary.json'), summary)
+  writer.close()
+  checkpointer.close()
+  return summary

@@ -1,0 +1,91 @@
+"""Checks a config and workdir before anything is compiled or downloaded.
+
+Every failure is a :class:`ConfigError` with a one-line message that names the key
+and the fix. Checks that need the tokenizer (vocab sizes) run in the trainer right
+after it is built, still before compilation.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import jax
+import ml_collections
+
+from research.config import ConfigError, check_known_keys
+from research.models.transformer import resolved_dims, validate_model_config
+from research.optim import validate_optimizer_config
+
+POSITIVE_INT_KEYS = ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
+                     'checkpoint_every', 'keep_checkpoints')
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir exists or can be created, and a file can be written in it."""
+  if not workdir:
+    raise ConfigError('--workdir is required; pass --workdir=DIR (a writable directory).')
+  probe = os.path.join(workdir, f'.write_probe_{uuid.uuid4().hex}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(
+        f'workdir {workdir!r} is not writable ({e.strerror or e}); '
+        f'pass --workdir=DIR with a directory you can write to.') from None
+
+
+def check_batch_divisibility(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+                             process_count: int) -> None:
+  shards = mesh_shape['data'] * mesh_shape['fsdp']
+  b = config.batch_size
+  if b % shards:
+    raise ConfigError(
+        f'batch_size={b} is not divisible by the data shards mesh.data*mesh.fsdp='
+        f'{mesh_shape["data"]}*{mesh_shape["fsdp"]}={shards}; use a multiple of {shards}.')
+  if b % process_count:
+    raise ConfigError(
+        f'batch_size={b} is not divisible by the {process_count} processes; '
+        f'use a multiple of {process_count}.')
+  k = config.optimizer.grad_accum_steps
+  if b % k or (b // k) % shards:
+    raise ConfigError(
+        f'optimizer.grad_accum_steps={k}: batch_size={b} must split into {k} micro-batches '
+        f'each divisible by the {shards} data shards; use batch_size a multiple of {k * shards}.')
+
+
+def check_tensor_divisibility(model_cfg: ml_collections.ConfigDict, tensor: int) -> None:
+  if tensor == 1:
+    return
+  dims = resolved_dims(model_cfg)
+  for key, value in (('model.num_heads', model_cfg.num_heads),
+                     ('model.num_kv_heads', dims['num_kv_heads']),
+                     ('model.mlp_dim', dims['mlp_dim'])):
+    if value % tensor:
+      raise ConfigError(
+          f'mesh.tensor={tensor} does not divide {key}={value}; use a mesh.tensor that divides it.')
+
+
+def validate_config(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+  """All static checks; call before building anything."""
+  check_known_keys(config)
+  for key in POSITIVE_INT_KEYS:
+    if not isinstance(config[key], int) or config[key] <= 0:
+      raise ConfigError(f'{key} must be a positive integer, got {config[key]!r}.')
+  if config.eval_steps < 0:
+    raise ConfigError(f'eval_steps must be >= 0, got {config.eval_steps}.')
+  validate_model_config(config.model, config.seq_len)
+  validate_optimizer_config(config.optimizer)
+  if workdir is not None:
+    check_workdir(workdir)
+
+
+def mesh_shape_for(config: ml_collections.ConfigDict, num_devices: int | None = None
+                   ) -> dict[str, int]:
+  """Resolves -1 in mesh.* against the device count (same rules as make_mesh)."""
+  from research.sharding import make_mesh
+  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                   devices=jax.devices()[:num_devices] if num_devices else None)
+  return dict(mesh.shape)

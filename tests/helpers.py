@@ -1,0 +1,31 @@
+"""Small helpers for tests: configs and running the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides) -> ml_collections.ConfigDict:
+  """The tiny experiment at smoke size, with dotted-key overrides."""
+  from experiments.pretrain import tiny
+  from research.config import override
+  c = tiny.get_config('smoke=True')
+  override(c, overrides)
+  return c
+
+
+def run_cli(args: list[str], *, devices: int = 1, timeout: int = 600, env=None
+            ) -> subprocess.CompletedProcess:
+  """Runs ``python -m <args>`` from the repo root with N fake CPU devices."""
+  e = dict(os.environ)
+  e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  e['JAX_PLATFORMS'] = 'cpu'
+  e.update(env or {})
+  return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=e, timeout=timeout,
+                        capture_output=True, text=True)
