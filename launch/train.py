@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from research import runtime
+from research import distributed, runtime  # distributed: --coordinator_address etc.
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory; reuse it to resume.')
@@ -21,6 +21,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory; reuse it to r
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  distributed.initialize_from_flags()  # Multi-process jobs only; before any JAX work.
   from research.train import train  # After flag parsing: keeps --help fast.
   train(_CONFIG.value, _WORKDIR.value)
 

@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   """All keys with their defaults. Experiment configs override, never add."""
   c = ml_collections.ConfigDict()
   c.name = 'run'
+  c.task = 'lm'  # 'lm' (pretraining); fine-tuning tasks register more.
   c.seed = 0
   c.steps = 1000
   c.batch_size = 32  # Global, in sequences.

@@ -17,6 +17,17 @@ EXIT_PREEMPTED = 75
 def setup() -> None:
   """Quiet third-party noise before jax is imported."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import logging
+  from absl import logging as absl_logging
+
+  class _DropLibraryInfo(logging.Filter):
+    """Orbax and grain log every save step at INFO; keep their warnings only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+      noisy = any(s in record.pathname for s in ('/orbax/', '/grain/', '/jax/_src/'))
+      return record.levelno >= logging.WARNING or not noisy
+
+  absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
 
 
 def one_line(message: str) -> str:
@@ -28,6 +39,7 @@ def run_main(main: Callable) -> int:
   from absl import app
   from research.checkpoint import CheckpointError
   from research.config import ConfigError
+  from research.preemption import Preempted
 
   def wrapped(argv):
     try:
@@ -35,6 +47,9 @@ def run_main(main: Callable) -> int:
     except (ConfigError, CheckpointError) as e:
       print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
       sys.exit(EXIT_ERROR)
+    except Preempted as e:
+      print(one_line(e), file=sys.stderr, flush=True)
+      sys.exit(EXIT_PREEMPTED)
 
   try:
     app.run(wrapped, flags_parser=_parse_flags)

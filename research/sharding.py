@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('kv', None),  # head_dim
     ('mlp', 'tensor'),
     ('norm', None),
+    ('pos', None),  # Learned absolute-position table rows.
     ('classes', None),
     ('lora_rank', None),
 )
@@ -110,15 +111,21 @@ def named(mesh: jax.sharding.Mesh, names: Sequence[str | None], rules=DEFAULT_RU
   return NamedSharding(mesh, logical_to_mesh_spec(names, rules))
 
 
+def logical_names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+  """The logical axis names a Variable was annotated with (``with_partitioning``)."""
+  meta = variable.get_metadata()
+  names = meta.get('out_sharding', meta.get('sharding_names', meta.get('sharding')))
+  return tuple(names) if names is not None else None
+
+
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for an abstract NNX state, from each Variable's logical names."""
-  specs = nnx.get_partition_spec(abstract_state)
+  """NamedShardings for an NNX state, from each Variable's logical axis names.
 
-  def to_sharding(x):
-    spec = x.get_value() if isinstance(x, nnx.Variable) else x
-    if not isinstance(spec, P):
-      spec = P()
-    return NamedSharding(mesh, logical_to_mesh_spec(tuple(spec), rules))
+  Unannotated variables (RNG keys, step counters) are replicated.
+  """
+  def to_sharding(v):
+    names = logical_names(v) if isinstance(v, nnx.Variable) else None
+    spec = logical_to_mesh_spec(names, rules) if names else P()
+    return v.replace(NamedSharding(mesh, spec)) if isinstance(v, nnx.Variable) else NamedSharding(mesh, spec)
 
-  return jax.tree.map(to_sharding, specs,
-                      is_leaf=lambda x: isinstance(x, (P, nnx.Variable)))
+  return jax.tree.map(to_sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

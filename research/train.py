@@ -31,11 +31,12 @@ from flax import nnx
 
 from research import checkpoint as ckpt_lib
 from research import metrics as metrics_lib
+from research import preemption
 from research import sharding as shd
 from research.config import ConfigError
-from research.data import pipeline, sources, tokenizers
-from research.models import loss as loss_lib
-from research.models.transformer import Transformer, count_params, resolved_dims
+from research.data import sources, tokenizers
+from research.models.transformer import count_params, resolved_dims
+from research.tasks import Task, make_task
 from research.optim import make_optimizer
 from research.validation import (check_batch_divisibility, check_tensor_divisibility,
                                  validate_config)
@@ -63,40 +64,47 @@ def resolve_vocab(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> No
         f'{config.model.vocab_size}; set model.vocab_size>={tokenizer_vocab} or 0 (auto).')
 
 
-def build_model(config: ml_collections.ConfigDict) -> Transformer:
-  rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-  return Transformer(config.model, rngs=rngs)
-
-
-def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                       build: Callable[[], nnx.Module] | None = None,
-                       wrt: Any = nnx.Param) -> TrainState:
-  """Creates (model, optimizer) already sharded: eval_shape -> shardings -> jit init."""
+def _state_factory(config: ml_collections.ConfigDict,
+                   build: Callable[[], nnx.Module] | None, wrt: Any):
   tx, schedule = make_optimizer(config.optimizer, config.steps)
-  build = build or (lambda: build_model(config))
+  build = build or make_task(config).build_model
 
   def create():
     model = build()
     return model, nnx.Optimizer(model, tx, wrt=wrt)
 
+  return create, schedule
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                         build: Callable[[], nnx.Module] | None = None,
+                         wrt: Any = nnx.Param) -> TrainState:
+  """Shapes, dtypes and shardings of the train state; allocates nothing (AOT planning)."""
+  create, schedule = _state_factory(config, build, wrt)
   with shd.use_mesh(mesh):
-    abstract = nnx.eval_shape(create)
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
     shardings = shd.state_shardings(abstract_state, mesh)
-    init = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)
-    state = init()
+  abstract = ckpt_lib.abstract_with_shardings(abstract_state, shardings)
+  return TrainState(graphdef, abstract, shardings, schedule)
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       build: Callable[[], nnx.Module] | None = None,
+                       wrt: Any = nnx.Param) -> TrainState:
+  """Creates (model, optimizer) already sharded: eval_shape -> shardings -> jit init.
+
+  No parameter is ever materialised whole on one device: the jitted initializer
+  writes each shard where it lives.
+  """
+  create, schedule = _state_factory(config, build, wrt)
+  with shd.use_mesh(mesh):
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
+    shardings = shd.state_shardings(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
   return TrainState(graphdef, state, shardings, schedule)
 
 
 # --------------------------------------------------------------------------- steps
-
-
-def lm_objective(model: nnx.Module, batch: dict[str, jax.Array], z_loss: float,
-                 deterministic: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean next-token loss of a batch and its parts (float32)."""
-  logits = model(batch['inputs'], deterministic=deterministic)
-  loss, aux = loss_lib.lm_loss(logits, batch['targets'], batch['mask'], z_loss)
-  return loss, aux
 
 
 def _micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -107,7 +115,8 @@ def _micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
   return jax.tree.map(split, batch)
 
 
-def train_step(graphdef, state, batch, *, z_loss: float, accum_steps: int, wrt: Any = nnx.Param):
+def train_step(graphdef, state, batch, *, objective: Callable, accum_steps: int,
+               wrt: Any = nnx.Param):
   """One optimizer update, with gradients accumulated over ``accum_steps`` micro-batches.
 
   Each micro-batch's mean loss is weighted by its share of the batch's real tokens, so
@@ -118,8 +127,8 @@ def train_step(graphdef, state, batch, *, z_loss: float, accum_steps: int, wrt: 
   total_tokens = jnp.maximum(batch['mask'].sum(), 1.0)
 
   def weighted_loss(params, rest, micro):
-    m = nnx.merge(gdef_m, params, rest)
-    loss, aux = lm_objective(m, micro, z_loss, deterministic=False)
+    m = nnx.merge(gdef_m, params, rest, copy=True)
+    loss, aux = objective(m, micro, deterministic=False)
     weight = micro['mask'].sum() / total_tokens
     _, _, new_rest = nnx.split(m, wrt, ...)
     return loss * weight, (jax.tree.map(lambda a: a * weight, aux), new_rest)
@@ -134,24 +143,25 @@ def train_step(graphdef, state, batch, *, z_loss: float, accum_steps: int, wrt: 
       return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
               jax.tree.map(jnp.add, a_acc, a), rest), None
     zeros_g = jax.tree.map(jnp.zeros_like, params)
-    zeros_a = {'ce': 0.0, 'z_loss': 0.0, 'num_tokens': 0.0}
-    zeros_a = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_a)
+    aux_shapes = jax.eval_shape(
+        lambda: grad_fn(params, rest, jax.tree.map(lambda x: x[0], _micro_batches(batch, accum_steps)))[0][1][0])
+    zeros_a = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), aux_shapes)
     (grads, loss, aux, rest), _ = jax.lax.scan(
         body, (zeros_g, jnp.zeros((), jnp.float32), zeros_a, rest),
         _micro_batches(batch, accum_steps))
   nnx.update(model, rest)
   optimizer.update(model, grads)
-  out = {'loss': aux['ce'], 'total_loss': loss, 'z_loss': aux['z_loss'],
-         'grad_norm': optax.global_norm(grads), 'num_tokens': total_tokens}
+  out = {**aux, 'total_loss': loss, 'grad_norm': optax.tree.norm(grads),
+         'weight': total_tokens}
   return nnx.state((model, optimizer)), out
 
 
-def eval_step(graphdef, state, batch):
-  """Summed cross-entropy and token count of one batch (deterministic)."""
+def eval_step(graphdef, state, batch, *, objective: Callable):
+  """Sums (aux mean x weight) over one batch, deterministic; divide by 'weight' later."""
   model, _ = nnx.merge(graphdef, state)
-  loss, aux = lm_objective(model, batch, 0.0, deterministic=True)
-  n = batch['mask'].sum()
-  return {'ce_sum': aux['ce'] * n, 'num_tokens': n}
+  _, aux = objective(model, batch, deterministic=True)
+  weight = batch['mask'].sum()
+  return {**jax.tree.map(lambda a: a * weight, aux), 'weight': weight}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -186,22 +196,21 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def evaluate(config, tokenizer, eval_fn, train_state: TrainState, batch_sharding,
+def evaluate(config, task: Task, tokenizer, eval_fn, train_state: TrainState, batch_sharding,
              process_index: int, process_count: int) -> dict[str, float]:
-  """Mean loss over the first ``eval_steps`` batches of the validation split."""
-  it = pipeline.make_lm_iterator(
+  """Task metrics over the first ``eval_steps`` batches of the validation split."""
+  it = task.make_iterator(
       config, tokenizer, 'eval', batch_size_per_process=config.batch_size // process_count,
       process_index=process_index, process_count=process_count, shuffle=False, repeat=False)
-  ce_sum, n = 0.0, 0.0
+  sums = None
   for i, batch in enumerate(it):
     if i >= config.eval_steps:
       break
-    out = eval_fn(train_state.state, device_batch(batch, batch_sharding))
-    ce_sum += float(out['ce_sum'])
-    n += float(out['num_tokens'])
-  if n == 0:
+    out = jax.device_get(eval_fn(train_state.state, device_batch(batch, batch_sharding)))
+    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+  if sums is None or float(sums['weight']) == 0:
     return {}
-  return {'loss': ce_sum / n, 'num_tokens': n}
+  return task.finalize_eval(sums)
 
 
 def write_samples(config, tokenizer, train_state: TrainState, workdir: str,
@@ -251,11 +260,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   tokenizer = tokenizers.make_tokenizer(config.data, workdir)
   resolve_vocab(config, tokenizer.vocab_size)
-  train_iter = pipeline.make_lm_iterator(
+  task = make_task(config)
+  train_iter = task.make_iterator(
       config, tokenizer, 'train', batch_size_per_process=config.batch_size // process_count,
       process_index=process_index, process_count=process_count, shuffle=True, repeat=True)
 
-  ts = create_train_state(config, mesh)
+  ts = create_train_state(config, mesh, task.build_model, wrt=task.trainable)
   model_view, _ = nnx.merge(ts.graphdef, ts.state)
   params = count_params(model_view)
   del model_view
@@ -290,11 +300,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   batch_sharding = shd.named(mesh, ('batch', 'seq'))
   step_fn = jax.jit(
-      functools.partial(train_step, ts.graphdef, z_loss=config.loss.z_loss,
-                        accum_steps=config.optimizer.grad_accum_steps),
+      functools.partial(train_step, ts.graphdef, objective=task.objective,
+                        accum_steps=config.optimizer.grad_accum_steps, wrt=task.trainable),
       in_shardings=(ts.shardings, batch_sharding), out_shardings=(ts.shardings, None),
       donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, ts.graphdef),
+  eval_fn = jax.jit(functools.partial(eval_step, ts.graphdef, objective=task.objective),
                     in_shardings=(ts.shardings, batch_sharding))
 
   tokens_per_step = config.batch_size * config.seq_len
@@ -302,7 +312,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   last_train: dict[str, float] = {}
   peak_tps, peak_mfu = 0.0, 0.0
   pending = None  # (step, device metrics) fetched one step late.
-  window_t, window_steps = None, 0
+  window_t, window_steps = time.time(), 0
   time_to_first_step = None
 
   def flush(pending_item, now):
@@ -310,10 +320,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     step, seen, dev_metrics = pending_item
     m = jax.device_get(dev_metrics)
     window_steps += 1
-    if window_t is None:  # First step: compile time, not throughput.
+    if time_to_first_step is None:  # The first step's time is mostly compilation.
       time_to_first_step = now - t_start
-      window_t, window_steps = now, 0
-      return
     if step % config.log_every and step != config.steps:
       return
     if window_steps == 0:
@@ -321,8 +329,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     dt = (now - window_t) / window_steps
     tps = tokens_per_step / dt
     mfu = tps * flops_per_token / peak_total
-    peak_tps, peak_mfu = max(peak_tps, tps), max(peak_mfu, mfu)
-    row = {'step': step, 'split': 'train', 'loss': float(m['loss']),
+    if step > start_step + 1:  # Throughput peaks exclude the compiling step.
+      peak_tps, peak_mfu = max(peak_tps, tps), max(peak_mfu, mfu)
+    task_metrics = {k: float(v) for k, v in m.items()
+                    if np.ndim(v) == 0 and k not in ('weight', 'total_loss', 'z_loss')}
+    row = {'step': step, 'split': 'train', **task_metrics,
            'learning_rate': float(ts.schedule(step - 1)), 'batch_size': config.batch_size,
            'tokens_per_sec': tps, 'mfu': mfu, 'step_time_s': dt,
            'grad_norm': float(m['grad_norm']), 'tokens_seen': seen}
@@ -338,7 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   def save(step):
     checkpointer.save(step, ts.state, {'step': step, 'tokens_seen': tokens_seen}, train_iter)
 
-  with shd.use_mesh(mesh):
+  with shd.use_mesh(mesh), preemption.PreemptionWatcher() as watcher:
     for step in range(start_step + 1, config.steps + 1):
       batch = device_batch(next(train_iter), batch_sharding)
       ts.state, dev_metrics = step_fn(ts.state, batch)
@@ -351,24 +362,29 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if config.eval_steps and (step % config.eval_every == 0 or step == config.steps):
         flush(pending, time.time())
         pending = None
-        last_eval = evaluate(config, tokenizer, eval_fn, ts, batch_sharding,
+        last_eval = evaluate(config, task, tokenizer, eval_fn, ts, batch_sharding,
                              process_index, process_count)
         if last_eval:
           writer.write({'step': step, 'split': 'eval', **last_eval})
           logging.info('eval step %d  loss %.4f', step, last_eval['loss'])
         window_t, window_steps = time.time(), 0
-      if stop_at_step is not None and step >= stop_at_step and step < config.steps:
+      preempted = watcher.should_stop(step)
+      if (preempted or stop_at_step is not None and step >= stop_at_step) and step < config.steps:
         if step % config.checkpoint_every:
           save(step)
         if pending is not None:
           flush(pending, time.time())
         writer.close()
         checkpointer.close()
+        if preempted:
+          logging.warning('Preempted: saved step %d; exiting with code 75.', step)
+          raise preemption.Preempted(step)
         return {'stopped_at_step': step, 'tokens_seen': tokens_seen}
     if pending is not None:
       flush(pending, time.time())
     checkpointer.wait()
-    samples = write_samples(config, tokenizer, ts, workdir, is_main)
+    samples = (write_samples(config, tokenizer, ts, workdir, is_main)
+               if task.decode_samples else [])
   for i, s in enumerate(samples):
     logging.info('sample %d:\n%s', i, s)
 

@@ -72,7 +72,7 @@ def test_resume_is_bitwise_exact(tmp_path):
   summary = train(c, parts)
   assert summary['resumed_from_step'] == 4
   a, b = _rows(full), _rows(parts)
-  assert [r['step'] for r in b] == list(range(2, 9)), [r['step'] for r in b]
+  assert [r["step"] for r in b] == list(range(1, 9)), [r["step"] for r in b]
   assert {r['step']: r['loss'] for r in a} == {r['step']: r['loss'] for r in b}
   ea, eb = _rows(full, 'eval'), _rows(parts, 'eval')
   assert [(r['step'], r['loss']) for r in ea] == [(r['step'], r['loss']) for r in eb]

@@ -1,0 +1,387 @@
+"""Decoder-only (or bidirectional encoder) Transformer in Flax NNX.
+
+Pre-norm blocks (``x + attn(norm(x))``, ``x + mlp(norm(x))``) and a final norm; RoPE
+or learned absolute positions; MHA/GQA/MQA; SwiGLU or GELU MLP; tied or untied output
+head. With ``scan_layers`` the blocks are created once with ``nnx.vmap`` (parameters
+stacked on a leading ``'layers'`` axis) and applied with ``nnx.scan``, so compile time
+does not grow with depth; otherwise they are a Python list applied in a loop. An
+optional rematerialisation policy (``jax.checkpoint``) wraps each block.
+
+Parameter paths (``'/'``-joined, as the optimizer's regex rules see them)::
+
+  embed/embedding                      [Vp, D]       ('vocab', 'embed')
+  pos_embed/embedding                  [T_max, D]    ('pos', 'embed')       learned only
+  blocks/attn_norm/scale               [(Ly,) D]     (('layers',) 'norm')   (+ /bias)
+  blocks/attn/query/kernel             [(Ly,) D, N, Dh]   ('embed', 'heads', 'kv')
+  blocks/attn/{key,value}/kernel       [(Ly,) D, K, Dh]   ('embed', 'kv_heads', 'kv')
+  blocks/attn/out/kernel               [(Ly,) N, Dh, D]   ('heads', 'kv', 'embed')
+  blocks/mlp_norm/scale                [(Ly,) D]
+  blocks/mlp/{wi_0,wi_1,wi}/kernel     [(Ly,) D, F]       ('embed', 'mlp')
+  blocks/mlp/wo/kernel                 [(Ly,) F, D]       ('mlp', 'embed')
+  final_norm/scale                     [D]
+  unembed/kernel                       [D, Vp]       ('embed', 'vocab')     untied only
+
+``Vp`` is the vocabulary padded to a multiple of 128 (:func:`padded_vocab_size`).
+With ``scan_layers=True`` block parameters have the leading ``Ly`` axis (logical
+``'layers'``); with ``scan_layers=False`` the paths are ``blocks/0/...``,
+``blocks/1/...``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from flax.core import spmd
+
+from research.config import ConfigError
+from research.models import layers
+from research.models.attention import Attention, rope_angles
+from research.sharding import constrain
+
+MLP_KINDS = ('swiglu', 'gelu')
+NORMS = ('rmsnorm', 'layernorm')
+POSITIONS = ('rope', 'learned')
+ATTENTION_IMPLS = ('xla', 'cudnn')
+DTYPE_NAMES = tuple(layers.DTYPES)
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable':
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+KVCache = dict[str, jax.Array]  # {'k', 'v': [layers, B, T_max, K, Dh], 'index': int32 []}
+
+# The embedding/unembedding tables get rows up to a multiple of this, so the 'vocab'
+# axis divides any tensor-parallel degree up to 128 (the byte tokenizer's 259 is prime)
+# and matmul shapes are accelerator-friendly (GPT-2's 50257 -> 50304 trick). Logits are
+# sliced back to the real vocabulary, so the padding is invisible outside the model.
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+  return VOCAB_PAD_MULTIPLE * math.ceil(vocab_size / VOCAB_PAD_MULTIPLE)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def resolved_dims(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """``head_dim``, ``num_kv_heads`` and ``mlp_dim`` with the config's 0 = default rules.
+
+  head_dim 0 -> d_model // num_heads; num_kv_heads 0 -> num_heads (MHA); mlp_dim 0 ->
+  4 * d_model for gelu, 8/3 * d_model rounded up to a multiple of 64 for swiglu (the
+  same parameter count as a 4x GELU MLP, LLaMA style).
+  """
+  head_dim = cfg.head_dim or cfg.d_model // max(cfg.num_heads, 1)
+  num_kv_heads = cfg.num_kv_heads or cfg.num_heads
+  if cfg.mlp_dim:
+    mlp_dim = cfg.mlp_dim
+  elif cfg.mlp_kind == 'swiglu':
+    mlp_dim = 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+  else:
+    mlp_dim = 4 * cfg.d_model
+  return {'head_dim': int(head_dim), 'num_kv_heads': int(num_kv_heads),
+          'mlp_dim': int(mlp_dim)}
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_model_config(cfg: ml_collections.ConfigDict, seq_len: int | None = None) -> None:
+  """Raises :class:`ConfigError` (one line naming the key and the fix); builds nothing."""
+  for key, allowed in (('mlp_kind', MLP_KINDS), ('norm', NORMS), ('positions', POSITIONS),
+                       ('remat', tuple(REMAT_POLICIES)), ('attention_impl', ATTENTION_IMPLS),
+                       ('dtype', DTYPE_NAMES), ('param_dtype', DTYPE_NAMES)):
+    if cfg[key] not in allowed:
+      raise ConfigError(
+          f'model.{key}={cfg[key]!r} is unknown; use one of {", ".join(map(repr, allowed))}.')
+  for key in ('d_model', 'num_layers', 'num_heads', 'max_seq_len'):
+    if not _is_int(cfg[key]) or cfg[key] <= 0:
+      raise ConfigError(f'model.{key}={cfg[key]!r} must be a positive integer.')
+  for key, meaning in (('vocab_size', "the tokenizer's size"), ('num_kv_heads', 'num_heads'),
+                       ('head_dim', 'd_model // num_heads'), ('mlp_dim', 'the default')):
+    if not _is_int(cfg[key]) or cfg[key] < 0:
+      raise ConfigError(
+          f'model.{key}={cfg[key]!r} must be an integer >= 0 (0 means {meaning}).')
+  for key in ('tie_embeddings', 'scan_layers', 'causal'):
+    if not isinstance(cfg[key], bool):
+      raise ConfigError(f'model.{key}={cfg[key]!r} must be True or False.')
+
+  h = cfg.num_heads
+  if cfg.num_kv_heads and h % cfg.num_kv_heads:
+    divisors = [i for i in range(1, h + 1) if h % i == 0]
+    listed = (', '.join(map(str, divisors[:-1])) + f' or {divisors[-1]}'
+              if len(divisors) > 1 else str(divisors[0]))
+    raise ConfigError(
+        f'model.num_kv_heads={cfg.num_kv_heads} does not divide model.num_heads={h}; '
+        f'use a divisor of {h} such as {listed}.')
+  if not cfg.head_dim and cfg.d_model % h:
+    raise ConfigError(
+        f'model.d_model={cfg.d_model} is not divisible by model.num_heads={h}; change one '
+        f'of them or set model.head_dim explicitly.')
+  dims = resolved_dims(cfg)
+  if cfg.positions == 'rope':
+    if dims['head_dim'] % 2:
+      raise ConfigError(
+          f'model.positions=\'rope\' needs an even head dimension, got {dims["head_dim"]}; '
+          f'set model.head_dim (or d_model/num_heads) to an even number.')
+    if not cfg.rope_theta > 0:
+      raise ConfigError(f'model.rope_theta={cfg.rope_theta!r} must be > 0 (e.g. 10000.0).')
+  if not 0.0 <= cfg.dropout < 1.0:
+    raise ConfigError(f'model.dropout={cfg.dropout!r} must be in [0, 1); use 0.0 to disable.')
+  if not cfg.norm_eps > 0:
+    raise ConfigError(f'model.norm_eps={cfg.norm_eps!r} must be > 0 (e.g. 1e-6).')
+  if not cfg.init_std > 0:
+    raise ConfigError(f'model.init_std={cfg.init_std!r} must be > 0 (e.g. 0.02).')
+  if seq_len is not None and seq_len > cfg.max_seq_len:
+    raise ConfigError(
+        f'seq_len={seq_len} exceeds model.max_seq_len={cfg.max_seq_len}; '
+        f'raise model.max_seq_len or lower seq_len.')
+  if cfg.attention_impl == 'cudnn' and cfg.dtype != 'bfloat16':
+    raise ConfigError(
+        f"model.attention_impl='cudnn' runs in half precision but model.dtype="
+        f"{cfg.dtype!r}; set model.dtype='bfloat16' or use model.attention_impl='xla'.")
+  if cfg.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ConfigError(
+        f"model.attention_impl='cudnn' needs an NVIDIA GPU but the backend is "
+        f"{jax.default_backend()!r}; use model.attention_impl='xla'.")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm Transformer block."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    dims = resolved_dims(cfg)
+    dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
+    # GPT-2: residual-branch output projections scaled by 1/sqrt(2 * layers).
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    norm = lambda: layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
+                                    param_dtype=param_dtype)
+    self.attn_norm = norm()
+    self.attn = Attention(
+        cfg.d_model, cfg.num_heads, dims['num_kv_heads'], dims['head_dim'],
+        causal=cfg.causal, use_rope=cfg.positions == 'rope',
+        implementation=cfg.attention_impl, init_std=cfg.init_std, out_init_std=out_std,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp_norm = norm()
+    self.mlp = layers.MLP(cfg.d_model, dims['mlp_dim'], kind=cfg.mlp_kind,
+                          init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+    self.dropout_rate = float(cfg.dropout)
+
+  def __call__(self, x_BLD: jax.Array, *, rope=None, mask_BL=None, kv_cache=None,
+               cache_index=None, dropout_key: jax.Array | None = None):
+    """Returns ``(x_BLD, new_kv_cache)``; ``dropout_key`` None means no dropout."""
+    key0 = key1 = None
+    if dropout_key is not None:
+      key0, key1 = jax.random.split(dropout_key)
+    h_BLD, kv_cache = self.attn(self.attn_norm(x_BLD), rope=rope, mask_BL=mask_BL,
+                                kv_cache=kv_cache, cache_index=cache_index)
+    x_BLD = constrain(x_BLD + _dropout(h_BLD, self.dropout_rate, key0),
+                      ('batch', 'seq', 'act_embed'))
+    h_BLD = self.mlp(self.mlp_norm(x_BLD))
+    x_BLD = constrain(x_BLD + _dropout(h_BLD, self.dropout_rate, key1),
+                      ('batch', 'seq', 'act_embed'))
+    return x_BLD, kv_cache
+
+
+class Transformer(nnx.Module):
+  """Token ids -> logits. ``cfg`` is the config's ``model`` section (vocab resolved).
+
+  Built under ``research.sharding.use_mesh(mesh)``, parameters are created sharded by
+  their logical names. Built with no logical-axis rules active (a notebook, a unit
+  test), eager sharding is switched off for the construction: parameters are plain
+  single-device arrays that still carry their logical names.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    validate_model_config(cfg)
+    if cfg.vocab_size <= 0:
+      raise ConfigError(
+          f'model.vocab_size={cfg.vocab_size} must be resolved to the tokenizer size '
+          f'(> 0) before the model is built.')
+    if spmd.get_logical_axis_rules():
+      self._build(cfg, rngs)
+    else:
+      with nnx.use_eager_sharding(False):
+        self._build(cfg, rngs)
+
+  def _build(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
+    dims = resolved_dims(cfg)
+    self.vocab_size = int(cfg.vocab_size)
+    padded_vocab = padded_vocab_size(self.vocab_size)
+    self.num_layers = int(cfg.num_layers)
+    self.num_kv_heads = dims['num_kv_heads']
+    self.head_dim = dims['head_dim']
+    self.max_seq_len = int(cfg.max_seq_len)
+    self.positions = cfg.positions
+    self.rope_theta = float(cfg.rope_theta)
+    self.tie_embeddings = bool(cfg.tie_embeddings)
+    self.scan_layers = bool(cfg.scan_layers)
+    self.remat = cfg.remat
+    self.dropout_rate = float(cfg.dropout)
+    self.dtype = layers.to_dtype(cfg.dtype)
+    param_dtype = layers.to_dtype(cfg.param_dtype)
+    common = dict(init_std=cfg.init_std, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+
+    self.embed = layers.token_embedding(padded_vocab, cfg.d_model, **common)
+    if cfg.positions == 'learned':
+      self.pos_embed = layers.position_embedding(cfg.max_seq_len, cfg.d_model, **common)
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      def create_blocks(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+      self.blocks = create_blocks(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps,
+                                       dtype=self.dtype, param_dtype=param_dtype)
+    if not cfg.tie_embeddings:
+      self.unembed = layers.output_head(cfg.d_model, padded_vocab, **common)
+    # Dropout randomness lives in the model state (RngKey + RngCount), so it is
+    # checkpointed and advances each training step.
+    self.dropout_rngs = (nnx.Rngs(dropout=rngs.dropout()) if cfg.dropout > 0
+                         else nnx.data(None))
+
+  # ------------------------------------------------------------------ pieces
+
+  def _apply_blocks(self, x_BLD, *, rope, mask_BL, cache: KVCache | None,
+                    layer_keys: jax.Array | None):
+    index = None if cache is None else cache['index']
+    kv = None if cache is None else (cache['k'], cache['v'])
+
+    def apply_block(block: Block, x_BLD, key, layer_kv):
+      return block(x_BLD, rope=rope, mask_BL=mask_BL, kv_cache=layer_kv,
+                   cache_index=index, dropout_key=key)
+
+    if self.remat != 'none':
+      # Under scan, CSE across iterations is impossible anyway: prevent_cse=False
+      # lets XLA optimise more (the JAX docs' recommendation).
+      apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat],
+                              prevent_cse=not self.scan_layers)
+
+    if self.scan_layers:
+      @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      def scan_blocks(block, x_BLD, key, layer_kv):
+        return apply_block(block, x_BLD, key, layer_kv)
+      return scan_blocks(self.blocks, x_BLD, layer_keys, kv)
+
+    new_k, new_v = [], []
+    for i, block in enumerate(self.blocks):
+      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+      key = None if layer_keys is None else layer_keys[i]
+      x_BLD, layer_kv = apply_block(block, x_BLD, key, layer_kv)
+      if layer_kv is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
+    return x_BLD, (None if kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+
+  def logits(self, x_BLD: jax.Array) -> jax.Array:
+    """Final-normed hidden states -> logits ``[B, L, V]`` in the compute dtype."""
+    if self.tie_embeddings:
+      logits_BLV = self.embed.attend(x_BLD)
+    else:
+      logits_BLV = self.unembed(x_BLD)
+    logits_BLV = constrain(logits_BLV, ('batch', 'seq', 'act_vocab'))
+    return logits_BLV[..., :self.vocab_size]  # Drop the padding rows' logits.
+
+  # ------------------------------------------------------------------ API
+
+  def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
+               cache: KVCache | None = None, deterministic: bool = True,
+               return_hidden: bool = False, mask_BL: jax.Array | None = None):
+    """Logits ``[B, L, V]`` in the compute dtype (the loss upcasts to float32).
+
+    Args:
+      tokens_BL: int token ids.
+      positions_BL: positions for RoPE / learned embeddings; default ``arange(L)``,
+        offset by the cache index when decoding.
+      cache: from :meth:`init_cache`; then returns ``(out, new_cache)`` with the new
+        keys/values written at ``cache['index']`` and the index advanced by ``L``.
+      deterministic: False enables dropout (``model.dropout > 0``).
+      return_hidden: return the final-normed hidden states ``[B, L, D]`` instead of
+        logits (for classification heads).
+      mask_BL: 1 = real token, 0 = padding; padded keys get no attention (bidirectional
+        encoders with padded batches). Not supported together with ``cache``.
+    """
+    B, L = tokens_BL.shape
+    index = None if cache is None else cache['index']
+    if positions_BL is None:
+      start = 0 if index is None else index
+      positions_BL = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
+
+    keys = None
+    if not deterministic and self.dropout_rngs is not None:
+      keys = jax.random.split(self.dropout_rngs.dropout(), self.num_layers + 1)
+
+    x_BLD = self.embed(tokens_BL)
+    if self.positions == 'learned':
+      x_BLD = x_BLD + self.pos_embed(positions_BL)
+    x_BLD = _dropout(x_BLD, self.dropout_rate, None if keys is None else keys[0])
+    x_BLD = constrain(x_BLD, ('batch', 'seq', 'act_embed'))
+    rope = (rope_angles(positions_BL, self.head_dim, self.rope_theta)
+            if self.positions == 'rope' else None)
+
+    x_BLD, new_kv = self._apply_blocks(x_BLD, rope=rope, mask_BL=mask_BL, cache=cache,
+                                       layer_keys=None if keys is None else keys[1:])
+    x_BLD = self.final_norm(x_BLD)
+    out = x_BLD if return_hidden else self.logits(x_BLD)
+    if cache is None:
+      return out
+    return out, {'k': new_kv[0], 'v': new_kv[1], 'index': index + L}
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """Empty cache: ``k``, ``v`` ``[layers, B, max_len, kv_heads, head_dim]``, index 0.
+
+    ``dtype`` defaults to the compute dtype.
+    """
+    shape = (self.num_layers, batch_size, max_len, self.num_kv_heads, self.head_dim)
+    dtype = self.dtype if dtype is None else dtype
+    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+            'index': jnp.zeros((), jnp.int32)}
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def count_params(model: nnx.Module) -> dict[str, int]:
+  """``total``, ``embedding`` and ``non_embedding`` parameter counts.
+
+  ``embedding`` counts only lookup tables that do no matmul: the learned position
+  table, and the token table when the output head is untied. A tied token table is
+  also the output projection, so it counts as non-embedding (nanoGPT's convention),
+  which makes ``6 * non_embedding`` include the output layer's FLOPs for MFU.
+  Vocabulary padding rows (:data:`VOCAB_PAD_MULTIPLE`) are not counted.
+  """
+  total = embedding = 0
+  vocab = getattr(model, 'vocab_size', None)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    n = int(math.prod(var.shape))
+    top = str(path[0])
+    if vocab and top in ('embed', 'unembed'):
+      n = n // padded_vocab_size(vocab) * vocab
+    total += n
+    if top == 'pos_embed' or (top == 'embed' and not getattr(model, 'tie_embeddings', True)):
+      embedding += n
+  return {'total': total, 'embedding': embedding, 'non_embedding': total - embedding}
