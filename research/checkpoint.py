@@ -20,8 +20,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from research.runtime import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint cannot be restored; the message says why and what to do."""
 
 
@@ -37,8 +39,8 @@ class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True,
-        enable_async_checkpointing=async_save)
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)  # Remove saves a crash left half-written.
     self._mgr = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={
@@ -53,12 +55,27 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._mgr.all_steps())
 
+  def _save_failed(self, step: int | None, e: BaseException) -> CheckpointError:
+    good = [s for s in self.all_steps() if s != step]
+    kept = f'the previous checkpoint (step {max(good)}) is intact' if good else \
+        'no earlier checkpoint exists'
+    what = 'a checkpoint save'
+    reason = ' '.join(str(e).split())
+    reason = ('...' + reason[-160:]) if len(reason) > 160 else (reason or type(e).__name__)
+    return CheckpointError(
+        f'{what} in {self.directory} failed ({reason}); {kept}. Free disk space or fix '
+        f'permissions, then rerun to resume, or pass another --workdir.')
+
   def save(self, step: int, state: Any, meta: dict[str, Any], data_iterator: Any = None,
            *, force: bool = False) -> None:
+    """Starts an async save (errors of the previous one surface here, as CheckpointError)."""
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._mgr.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      self._mgr.save(step, args=ocp.args.Composite(**items), force=force)
+    except (OSError, ValueError, RuntimeError) as e:
+      raise self._save_failed(step, e) from None
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any = None
               ) -> tuple[Any, dict[str, Any]]:
@@ -76,8 +93,11 @@ class Checkpointer:
     return restored.state, dict(restored.meta)
 
   def wait(self) -> None:
-    self._mgr.wait_until_finished()
+    try:
+      self._mgr.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+      raise self._save_failed(None, e) from None
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
+    self.wait()
     self._mgr.close()

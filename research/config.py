@@ -12,8 +12,10 @@ from typing import Any
 
 import ml_collections
 
+from research.runtime import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
   """A config value is wrong. The message names the key and the fix (one line)."""
 
 
@@ -61,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.causal = True  # False: bidirectional encoder.
   m.init_std = 0.02
   m.attention_impl = 'xla'  # 'xla' | 'cudnn' (jax.nn.dot_product_attention implementation)
+  m.use_bias = False  # Biases on attention and MLP projections (GPT-2 import).
 
   c.loss = ml_collections.ConfigDict()
   c.loss.z_loss = 0.0  # Weight of the z-loss (log Z)^2 term; PaLM uses 1e-4.
@@ -101,10 +104,73 @@ def base_config() -> ml_collections.ConfigDict:
   o.clip_norm = 1.0  # 0: no clipping.
   o.grad_accum_steps = 1
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all remaining devices.
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  # Batch-size ramp (research/batch_ramp.py): steps 1..boundaries[0] use batch_sizes[0]
+  # sequences, ..., steps after boundaries[-1] use batch_size. The LR is declared for
+  # batch_size and multiplied by (b / batch_size)^{0, 1, 1/2} for lr_scaling
+  # 'none' | 'linear' | 'sqrt'. Empty tuples: no ramp.
+  c.batch_ramp = ml_collections.ConfigDict()
+  c.batch_ramp.boundaries = ()
+  c.batch_ramp.batch_sizes = ()
+  c.batch_ramp.lr_scaling = 'none'
+
+  # What to do when the loss or a gradient is not finite: 'stop' (exit 1 naming the
+  # step and the first non-finite parameter) or 'skip' (drop that update, count it).
+  c.nan_policy = 'stop'
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.inject_nan_at_step = 0  # Fault injection (tests): NaN gradients at this step.
+  c.debug.inject_nan_regex = ''  # ... only for parameters whose path matches.
+  c.debug.sigkill_after_save_step = 0  # Fault injection: kill -9 itself mid-save.
+
+  # Fine-tuning (research/finetune/, README "Fine-tuning"). With init_from set, the
+  # backbone architecture (model.* shape keys) and the tokenizer come from the source.
+  c.finetune = ml_collections.ConfigDict()
+  f = c.finetune
+  f.init_from = ''  # '' (from scratch) | a run's workdir or checkpoints dir | an HF dir.
+  f.init_step = -1  # Checkpoint step to load from a workdir; -1: the latest.
+  f.pretrain_config = ''  # 'FILE[:arg]': pretrain into init_from first if it is not done.
+  f.pretrain_overrides = ()  # ((dotted_key, value), ...) for that pretraining run.
+  f.mode = 'full'  # 'full' | 'lora' | 'linear_probe' (frozen backbone, head only).
+  f.lora_rank = 8
+  f.lora_alpha = 16.0  # Update scale alpha / rank.
+  f.lora_dropout = 0.0  # Dropout on the adapters' input (training only).
+  f.lora_targets = r'attn/(query|key|value|out)|mlp/(wi_0|wi_1|wi|wo)'  # Module-path regex.
+  f.pooling = 'last'  # Classification: 'last' (last real token) | 'mean' | 'first'.
+  f.num_classes = 0  # 0: from the data.
+  f.label_key = 'label'  # TFDS feature holding the class id.
+  f.max_classes = 12  # stdlib functions task: the K modules with the most functions.
+  f.max_train_per_class = 400  # stdlib functions task: caps, for balanced classes.
+  f.max_eval_per_class = 100
+  f.prompt_key = 'prompt'  # SFT: fields of JSONL / TFDS examples.
+  f.response_key = 'response'
+
+  # Quantization (research/quant.py, README "Quantization"): qwix rules over module paths.
+  # mode 'qat' trains with fake-quantized matmuls (from scratch, or from a float run with
+  # init_from); 'ptq' quantizes init_from's checkpoint without training (launch.quantize).
+  c.quant = ml_collections.ConfigDict()
+  q = c.quant
+  q.mode = 'none'  # 'none' | 'qat' | 'ptq'
+  q.weight_bits = 8  # 8 | 4 | 2
+  q.act_bits = 0  # 0 (float activations, weights-only) | 8 | 4
+  q.granularity = 'channel'  # Weight scales: 'channel' | 'tensor' | 'group' (group_size).
+  q.group_size = 32  # 'group': elements sharing a scale along the contraction axis.
+  q.symmetric = True  # False: asymmetric weights (min/max + zero point); bits 8 or 4.
+  q.clip_ratio = 1.0  # Weight range = clip_ratio x abs-max (min/max); < 1 clips outliers.
+  # Module paths (fullmatch) whose matmuls are quantized; embeddings/head excluded.
+  q.targets = r'(.*/)?(attn/(query|key|value|out)|mlp/(wi_0|wi_1|wi|wo))'
+  # A float run's workdir (or its checkpoints/) whose weights start QAT fine-tuning
+  # (mode 'qat'), PTQ (mode 'ptq') or float continued training (mode 'none', the QAT
+  # fine-tuning baseline); optimizer state starts fresh. Relative: to --workdir's parent.
+  q.init_from = ''
+
+  c.mesh = ml_collections.ConfigDict()  # See research/sharding.py and README "Scaling".
+  c.mesh.data = -1  # Data parallelism. -1: all remaining devices (one axis at most).
+  c.mesh.fsdp = 1  # FSDP/ZeRO-3: weights and optimizer state split on 'embed'.
+  c.mesh.tensor = 1  # Megatron tensor parallelism: heads, MLP width, vocabulary.
+  c.mesh.sequence = 1  # Activations' sequence axis split (sequence parallelism seam).
+  c.mesh.expert = 1  # Reserved for mixture-of-experts; must be 1.
+  c.mesh.dcn_data = 1  # Slices (or processes) the data axis spans over the slow network.
+  c.mesh.rules = ()  # ((logical_axis, mesh_axes|None), ...) overriding sharding.DEFAULT_RULES.
   return c
 
 
@@ -175,3 +241,40 @@ def check_known_keys(config: ml_collections.ConfigDict,
           f'{sorted(reference.keys())} (declared in research/config.py)?')
     if isinstance(config[key], ml_collections.ConfigDict):
       check_known_keys(config[key], reference[key], prefix=f'{dotted}.')
+
+
+QUANT_MODES = ('none', 'qat', 'ptq')
+QUANT_GRANULARITIES = ('channel', 'tensor', 'group')
+
+
+def validate_quant_config(q: ml_collections.ConfigDict) -> None:
+  """Checks the ``quant`` section (research/quant.py); one-line ConfigError naming the key."""
+  import re  # Local: keeps this module's imports minimal.
+  if q.mode not in QUANT_MODES:
+    raise ConfigError(f'quant.mode={q.mode!r} is unknown; use one of {", ".join(map(repr, QUANT_MODES))}.')
+  if q.weight_bits not in (8, 4, 2) or isinstance(q.weight_bits, bool):
+    raise ConfigError(f'quant.weight_bits={q.weight_bits!r} is not supported; use 8, 4 or 2.')
+  if q.act_bits not in (0, 8, 4) or isinstance(q.act_bits, bool):
+    raise ConfigError(
+        f'quant.act_bits={q.act_bits!r} is not supported; use 0 (float activations), 8 or 4.')
+  if q.granularity not in QUANT_GRANULARITIES:
+    raise ConfigError(f'quant.granularity={q.granularity!r} is unknown; use one of '
+                      f'{", ".join(map(repr, QUANT_GRANULARITIES))}.')
+  if q.granularity == 'group' and (not isinstance(q.group_size, int) or q.group_size < 2):
+    raise ConfigError(f'quant.group_size={q.group_size!r} must be an integer >= 2 with '
+                      "quant.granularity='group' (e.g. 32).")
+  if not isinstance(q.symmetric, bool):
+    raise ConfigError(f'quant.symmetric={q.symmetric!r} must be True or False.')
+  if not q.symmetric and q.weight_bits == 2:
+    raise ConfigError('quant.symmetric=False needs quant.weight_bits 8 or 4 (qwix has no '
+                      'asymmetric int2); use quant.symmetric=True for 2 bits.')
+  if not (isinstance(q.clip_ratio, (int, float)) and 0 < q.clip_ratio <= 1):
+    raise ConfigError(f'quant.clip_ratio={q.clip_ratio!r} must be in (0, 1] (1: no clipping).')
+  try:
+    re.compile(q.targets)
+  except re.error as e:
+    raise ConfigError(f'quant.targets={q.targets!r} is not a valid regex ({e}).') from None
+  if q.mode != 'none' and not q.targets:
+    raise ConfigError(f'quant.mode={q.mode!r} needs quant.targets (a module-path regex).')
+  if q.mode == 'ptq' and not q.init_from:
+    raise ConfigError("quant.mode='ptq' needs quant.init_from=DIR (the float run to quantize).")

@@ -7,6 +7,10 @@ import re
 import sys
 from typing import Callable
 
+class UserError(Exception):
+  """An error the user can fix; entry points print its one-line message and exit 1."""
+
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 # After a clean save on SIGTERM/SIGINT (preemption). 75 is EX_TEMPFAIL in sysexits.h:
@@ -37,14 +41,12 @@ def one_line(message: str) -> str:
 def run_main(main: Callable) -> int:
   """Runs an absl main; user errors print one line on stderr and exit 1."""
   from absl import app
-  from research.checkpoint import CheckpointError
-  from research.config import ConfigError
   from research.preemption import Preempted
 
   def wrapped(argv):
     try:
       main(argv)
-    except (ConfigError, CheckpointError) as e:
+    except UserError as e:
       print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
       sys.exit(EXIT_ERROR)
     except Preempted as e:

@@ -17,6 +17,8 @@ import functools
 import json
 import os
 import platform
+import re
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -29,20 +31,27 @@ import optax
 from absl import logging
 from flax import nnx
 
+from research import batch_ramp as ramp_lib
 from research import checkpoint as ckpt_lib
 from research import metrics as metrics_lib
 from research import preemption
 from research import sharding as shd
-from research.config import ConfigError
+from research.config import ConfigError, validate_quant_config
+from research.runtime import UserError
 from research.data import sources, tokenizers
 from research.models.transformer import count_params, resolved_dims
 from research.tasks import Task, make_task
-from research.optim import make_optimizer
+from research.optim import make_optimizer, path_str
 from research.validation import (check_batch_divisibility, check_tensor_divisibility,
                                  validate_config)
 
 
 # --------------------------------------------------------------------------- state
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """The loss or a gradient was NaN/inf under nan_policy='stop'."""
+
 
 
 @dataclasses.dataclass
@@ -66,7 +75,8 @@ def resolve_vocab(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> No
 
 def _state_factory(config: ml_collections.ConfigDict,
                    build: Callable[[], nnx.Module] | None, wrt: Any):
-  tx, schedule = make_optimizer(config.optimizer, config.steps)
+  tx, schedule = make_optimizer(config.optimizer, config.steps,
+                                lr_factor=ramp_lib.lr_factor(config))
   build = build or make_task(config).build_model
 
   def create():
@@ -81,9 +91,10 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.M
                          wrt: Any = nnx.Param) -> TrainState:
   """Shapes, dtypes and shardings of the train state; allocates nothing (AOT planning)."""
   create, schedule = _state_factory(config, build, wrt)
-  with shd.use_mesh(mesh):
+  rules = shd.rules_from_config(config.mesh)
+  with shd.use_mesh(mesh, rules):
     graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-    shardings = shd.state_shardings(abstract_state, mesh)
+    shardings = shd.state_shardings(abstract_state, mesh, rules)
   abstract = ckpt_lib.abstract_with_shardings(abstract_state, shardings)
   return TrainState(graphdef, abstract, shardings, schedule)
 
@@ -97,9 +108,10 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   writes each shard where it lives.
   """
   create, schedule = _state_factory(config, build, wrt)
-  with shd.use_mesh(mesh):
+  rules = shd.rules_from_config(config.mesh)
+  with shd.use_mesh(mesh, rules):
     graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-    shardings = shd.state_shardings(abstract_state, mesh)
+    shardings = shd.state_shardings(abstract_state, mesh, rules)
     state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
   return TrainState(graphdef, state, shardings, schedule)
 
@@ -115,14 +127,37 @@ def _micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
   return jax.tree.map(split, batch)
 
 
+def _inject_nan(grads, step, at_step: int, regex: str):
+  """Fault injection for tests: NaN gradients at ``at_step`` for matching params."""
+  rx = re.compile(regex) if regex else None
+
+  def leaf(path, g):
+    if rx is not None and not rx.search(path_str(path)):
+      return g
+    return jnp.where(step == at_step, jnp.full_like(g, jnp.nan), g)
+
+  return jax.tree_util.tree_map_with_path(leaf, grads)
+
+
+def _nonfinite_report(loss, grads):
+  """Whether the update is finite, and one flag per parameter (for the error report)."""
+  flags = jax.tree.map(lambda g: jnp.logical_not(jnp.all(jnp.isfinite(g))), grads)
+  finite = jnp.isfinite(loss) & jnp.logical_not(
+      jnp.any(jnp.stack([f for f in jax.tree.leaves(flags)])))
+  return finite, flags
+
+
 def train_step(graphdef, state, batch, *, objective: Callable, accum_steps: int,
-               wrt: Any = nnx.Param):
+               wrt: Any = nnx.Param, nan_policy: str = 'stop', inject_nan_at_step: int = 0,
+               inject_nan_regex: str = ''):
   """One optimizer update, with gradients accumulated over ``accum_steps`` micro-batches.
 
   Each micro-batch's mean loss is weighted by its share of the batch's real tokens, so
   the accumulated gradient equals the full-batch gradient (not an average of means).
+  With ``nan_policy='skip'`` a non-finite loss or gradient leaves the state unchanged
+  (``skipped`` = 1 in the metrics); with 'stop' the host stops on the flag.
   """
-  model, optimizer = nnx.merge(graphdef, state)
+  model, optimizer = nnx.merge(graphdef, state, copy=True)  # Keep `state` for 'skip'.
   gdef_m, params, rest = nnx.split(model, wrt, ...)
   total_tokens = jnp.maximum(batch['mask'].sum(), 1.0)
 
@@ -149,11 +184,22 @@ def train_step(graphdef, state, batch, *, objective: Callable, accum_steps: int,
     (grads, loss, aux, rest), _ = jax.lax.scan(
         body, (zeros_g, jnp.zeros((), jnp.float32), zeros_a, rest),
         _micro_batches(batch, accum_steps))
+  if inject_nan_at_step:
+    grads = _inject_nan(grads, optimizer.step[...] + 1, inject_nan_at_step, inject_nan_regex)
+  finite, nonfinite = _nonfinite_report(loss, grads)
   nnx.update(model, rest)
   optimizer.update(model, grads)
+  new_state = nnx.state((model, optimizer))
+  if nan_policy == 'skip':
+    # Keep the old params/optimizer moments, but let the step counter advance so it
+    # stays equal to the host's step (schedules, ramps and fault injection rely on it).
+    step_counter = new_state[1]['step']
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state[1]['step'] = step_counter
   out = {**aux, 'total_loss': loss, 'grad_norm': optax.tree.norm(grads),
-         'weight': total_tokens}
-  return nnx.state((model, optimizer)), out
+         'weight': total_tokens, 'skipped': 1 - finite.astype(jnp.int32),
+         'nonfinite': nonfinite}
+  return new_state, out
 
 
 def eval_step(graphdef, state, batch, *, objective: Callable):
@@ -165,6 +211,19 @@ def eval_step(graphdef, state, batch, *, objective: Callable):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def check_finite(step: int, metrics: dict[str, Any], policy: str) -> None:
+  """Under 'stop', raises naming the step and the first parameter with a bad gradient."""
+  bad = [path_str(p).removesuffix('/value')
+         for p, flag in jax.tree_util.tree_leaves_with_path(metrics['nonfinite']) if bool(flag)]
+  where = f'first non-finite gradient: {bad[0]} ({len(bad)} parameters)' if bad else \
+      'the loss itself is not finite'
+  if policy == 'stop':
+    raise NonFiniteError(
+        f'non-finite loss/gradients at step {step}; {where}. Lower optimizer.learning_rate, '
+        f'set loss.z_loss=1e-4, or set nan_policy=skip to drop such updates.')
+  logging.warning('step %d: skipped a non-finite update (%s)', step, where)
 
 
 def device_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
@@ -251,18 +310,27 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.time()
   config = ml_collections.ConfigDict(config.to_dict())  # Own copy; we resolve values.
   validate_config(config, workdir)
+  validate_quant_config(config.quant)
+  if config.quant.mode == 'ptq':  # No training: quantize init_from's checkpoint.
+    from research import quant
+    return quant.run(config, workdir)
+  if config.finetune.init_from:  # Fine-tuning: architecture + tokenizer of the source.
+    from research.finetune import init as finetune_init
+    finetune_init.prepare(config, workdir)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
-  mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = shd.mesh_from_config(config.mesh)
+  rules = shd.rules_from_config(config.mesh)
   check_batch_divisibility(config, dict(mesh.shape), process_count)
+  ramp = ramp_lib.validate(config, dict(mesh.shape), process_count)  # Batch per step.
   check_tensor_divisibility(config.model, mesh.shape['tensor'])
   sources.validate_data_config(config.data)
 
   tokenizer = tokenizers.make_tokenizer(config.data, workdir)
   resolve_vocab(config, tokenizer.vocab_size)
   task = make_task(config)
-  train_iter = task.make_iterator(
-      config, tokenizer, 'train', batch_size_per_process=config.batch_size // process_count,
+  train_iter = task.make_iterator(  # Batches of ramp.unit (batch_size without a ramp).
+      config, tokenizer, 'train', batch_size_per_process=ramp.unit // process_count,
       process_index=process_index, process_count=process_count, shuffle=True, repeat=True)
 
   ts = create_train_state(config, mesh, task.build_model, wrt=task.trainable)
@@ -285,7 +353,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     restored, meta = checkpointer.restore(latest, abstract, train_iter)
     ts.state = restored
     start_step, tokens_seen = int(meta['step']), int(meta['tokens_seen'])
+    if tokens_seen != ramp.tokens_through(start_step, config.seq_len):
+      logging.warning('Resumed tokens_seen=%d differs from %d implied by batch_size/'
+                      'batch_ramp: the batch schedule changed since the checkpoint.',
+                      tokens_seen, ramp.tokens_through(start_step, config.seq_len))
     logging.info('Resumed from step %d in %s', start_step, checkpointer.directory)
+  elif config.quant.init_from:  # QAT fine-tuning: start from a float run's weights.
+    from research import quant
+    ts.state = quant.init_state_from(config, workdir, ts, mesh)
+  elif config.task != 'lm' or config.finetune.init_from or config.finetune.mode != 'full':
+    from research.finetune import init as finetune_init  # Load the backbone, report.
+    ts.state = finetune_init.initialize(config, ts, task, workdir)
 
   corpus = sources.corpus_info(config.data)
   if is_main:
@@ -298,27 +376,34 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                f'{params["total"]:,}', f'{params["non_embedding"]:,}', dict(mesh.shape),
                jax.device_count())
 
-  batch_sharding = shd.named(mesh, ('batch', 'seq'))
+  batch_sharding = shd.named(mesh, ('batch', 'seq'), rules)
   step_fn = jax.jit(
       functools.partial(train_step, ts.graphdef, objective=task.objective,
-                        accum_steps=config.optimizer.grad_accum_steps, wrt=task.trainable),
+                        accum_steps=config.optimizer.grad_accum_steps, wrt=task.trainable,
+                        nan_policy=config.nan_policy,
+                        inject_nan_at_step=config.debug.inject_nan_at_step,
+                        inject_nan_regex=config.debug.inject_nan_regex),
       in_shardings=(ts.shardings, batch_sharding), out_shardings=(ts.shardings, None),
       donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, ts.graphdef, objective=task.objective),
                     in_shardings=(ts.shardings, batch_sharding))
 
-  tokens_per_step = config.batch_size * config.seq_len
   last_eval: dict[str, float] = {}
   last_train: dict[str, float] = {}
   peak_tps, peak_mfu = 0.0, 0.0
   pending = None  # (step, device metrics) fetched one step late.
   window_t, window_steps = time.time(), 0
   time_to_first_step = None
+  skipped_steps = 0
 
   def flush(pending_item, now):
     nonlocal window_t, window_steps, last_train, peak_tps, peak_mfu, time_to_first_step
+    nonlocal skipped_steps
     step, seen, dev_metrics = pending_item
     m = jax.device_get(dev_metrics)
+    if int(m['skipped']):
+      check_finite(step, m, config.nan_policy)
+      skipped_steps += 1
     window_steps += 1
     if time_to_first_step is None:  # The first step's time is mostly compilation.
       time_to_first_step = now - t_start
@@ -327,16 +412,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if window_steps == 0:
       return
     dt = (now - window_t) / window_steps
-    tps = tokens_per_step / dt
+    tps = ramp.batch_size(step) * config.seq_len / dt
     mfu = tps * flops_per_token / peak_total
-    if step > start_step + 1:  # Throughput peaks exclude the compiling step.
+    if step > start_step + 1 and not ramp.new_size_in(step - window_steps + 1, step):
+      # Throughput peaks exclude compiling steps (the first, and a ramp's new sizes).
       peak_tps, peak_mfu = max(peak_tps, tps), max(peak_mfu, mfu)
     task_metrics = {k: float(v) for k, v in m.items()
-                    if np.ndim(v) == 0 and k not in ('weight', 'total_loss', 'z_loss')}
+                    if k not in ('weight', 'total_loss', 'z_loss', 'nonfinite', 'skipped')}
     row = {'step': step, 'split': 'train', **task_metrics,
-           'learning_rate': float(ts.schedule(step - 1)), 'batch_size': config.batch_size,
+           'learning_rate': float(ts.schedule(step - 1)), 'batch_size': ramp.batch_size(step),
            'tokens_per_sec': tps, 'mfu': mfu, 'step_time_s': dt,
-           'grad_norm': float(m['grad_norm']), 'tokens_seen': seen}
+           'grad_norm': float(m['grad_norm']), 'tokens_seen': seen,
+           'skipped_steps': skipped_steps}
     if config.loss.z_loss:
       row['z_loss'] = float(m['z_loss'])
     last_train = row
@@ -348,12 +435,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   def save(step):
     checkpointer.save(step, ts.state, {'step': step, 'tokens_seen': tokens_seen}, train_iter)
+    if step == config.debug.sigkill_after_save_step:  # Fault injection: die mid-save.
+      os.kill(os.getpid(), signal.SIGKILL)
 
-  with shd.use_mesh(mesh), preemption.PreemptionWatcher() as watcher:
+  with shd.use_mesh(mesh, rules), preemption.PreemptionWatcher() as watcher:
     for step in range(start_step + 1, config.steps + 1):
-      batch = device_batch(next(train_iter), batch_sharding)
+      batch = device_batch(ramp.next_batch(train_iter, step), batch_sharding)
       ts.state, dev_metrics = step_fn(ts.state, batch)
-      tokens_seen += tokens_per_step
+      tokens_seen += ramp.batch_size(step) * config.seq_len
       if pending is not None:
         flush(pending, time.time())
       pending = (step, tokens_seen, dev_metrics)
@@ -394,7 +483,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       'wall_time_s': time.time() - t_start, 'time_to_first_step_s': time_to_first_step,
       'param_count': params['total'], 'param_count_non_embedding': params['non_embedding'],
       'peak_tokens_per_sec': peak_tps, 'peak_mfu': peak_mfu,
-      'resumed_from_step': start_step,
+      'resumed_from_step': start_step, 'skipped_steps': skipped_steps,
   }
   if is_main:
     write_json(os.path.join(workdir, 'summary.json'), summary)

@@ -16,6 +16,7 @@ import ml_collections
 from research.config import ConfigError, check_known_keys
 from research.models.transformer import resolved_dims, validate_model_config
 from research.optim import validate_optimizer_config
+from research.sharding import mesh_from_config, validate_mesh_config
 
 POSITIVE_INT_KEYS = ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
                      'checkpoint_every', 'keep_checkpoints')
@@ -49,6 +50,11 @@ def check_batch_divisibility(config: ml_collections.ConfigDict, mesh_shape: dict
     raise ConfigError(
         f'batch_size={b} is not divisible by the {process_count} processes; '
         f'use a multiple of {process_count}.')
+  seq = mesh_shape.get('sequence', 1)
+  if config.seq_len % seq:
+    raise ConfigError(
+        f'seq_len={config.seq_len} is not divisible by mesh.sequence={seq}; use a multiple '
+        f'of {seq}.')
   k = config.optimizer.grad_accum_steps
   if b % k or (b // k) % shards:
     raise ConfigError(
@@ -76,7 +82,10 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
       raise ConfigError(f'{key} must be a positive integer, got {config[key]!r}.')
   if config.eval_steps < 0:
     raise ConfigError(f'eval_steps must be >= 0, got {config.eval_steps}.')
+  if config.nan_policy not in ('stop', 'skip'):
+    raise ConfigError(f"nan_policy={config.nan_policy!r} is unknown; use 'stop' or 'skip'.")
   validate_model_config(config.model, config.seq_len)
+  validate_mesh_config(config.mesh)
   validate_optimizer_config(config.optimizer)
   if workdir is not None:
     check_workdir(workdir)
@@ -85,7 +94,6 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
 def mesh_shape_for(config: ml_collections.ConfigDict, num_devices: int | None = None
                    ) -> dict[str, int]:
   """Resolves -1 in mesh.* against the device count (same rules as make_mesh)."""
-  from research.sharding import make_mesh
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                   devices=jax.devices()[:num_devices] if num_devices else None)
+  mesh = mesh_from_config(config.mesh,
+                          devices=jax.devices()[:num_devices] if num_devices else None)
   return dict(mesh.shape)
