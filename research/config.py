@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.z_loss = 0.0  # Weight of the z-loss (log Z)^2 term; PaLM uses 1e-4.
+  c.loss.chunk_size = 0  # >0: loss over sequence chunks; float32 logits never whole.
 
   c.data = ml_collections.ConfigDict()
   d = c.data

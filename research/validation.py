@@ -84,6 +84,9 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
     raise ConfigError(f'eval_steps must be >= 0, got {config.eval_steps}.')
   if config.nan_policy not in ('stop', 'skip'):
     raise ConfigError(f"nan_policy={config.nan_policy!r} is unknown; use 'stop' or 'skip'.")
+  cs = config.loss.chunk_size
+  if cs < 0 or (cs and config.seq_len % cs):
+    raise ConfigError(f'loss.chunk_size={cs} must be 0 (off) or divide seq_len={config.seq_len}.')
   validate_model_config(config.model, config.seq_len)
   validate_mesh_config(config.mesh)
   validate_optimizer_config(config.optimizer)

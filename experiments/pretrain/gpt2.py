@@ -50,9 +50,11 @@ def get_config(arg: str | None = None):
   c.optimizer.warmup_steps = 2000
   c.optimizer.b2 = 0.95
   c.loss.z_loss = 1e-4
+  c.loss.chunk_size = 256  # Never hold [B, L, 32000] float32 logits at once.
   if a.smoke:
     apply_smoke(c)
     c.model.dtype = 'float32'
+    c.loss.chunk_size = 8
   return c
 
 
