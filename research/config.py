@@ -171,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.sequence = 1  # Activations' sequence axis split (sequence parallelism seam).
   c.mesh.expert = 1  # Reserved for mixture-of-experts; must be 1.
   c.mesh.dcn_data = 1  # Slices (or processes) the data axis spans over the slow network.
-  c.mesh.rules = ()  # ((logical_axis, mesh_axes|None), ...) overriding sharding.DEFAULT_RULES.
+  c.mesh.rules = ''  # 'logical=mesh_axis,...' overriding sharding.DEFAULT_RULES ('embed=none').
   return c
 
 

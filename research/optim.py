@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from research.config import ConfigError
@@ -101,6 +102,38 @@ def make_schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
   return optax.join_schedules([_warmup(peak, warmup), after], [warmup])
 
 
+# Muon: which weight axes form the matrix (reduction = input, output); every other
+# axis (the stacked 'layers' axis of scanned blocks) is a batch axis. First match wins.
+# Paths not listed (embedding, head, norms, biases, LoRA factors...) use Adam.
+MUON_RULES = (
+    (r'attn/(query|key|value)/kernel', (-3,), (-2, -1)),  # [.., d, heads, head_dim]
+    (r'attn/out/kernel', (-3, -2), (-1,)),  # [.., heads, head_dim, d]
+    (r'(embed|head|norm|lora)', None, None),
+    (r'kernel', (-2,), (-1,)),  # Dense [.., in, out] (MLP).
+)
+
+
+def muon_dimension_numbers(params) -> Any:
+  """A tree of ``MuonDimensionNumbers`` (None = Adam) by :data:`MUON_RULES`.
+
+  optax's default applies Muon to every 2-D array, which here would mean the
+  embedding and the stacked norm scales [layers, d], while the real matrices (3-D and
+  4-D with scanned layers and per-head projections) would all fall to Adam.
+  """
+  rules = [(re.compile(rx), red, out) for rx, red, out in MUON_RULES]
+
+  def leaf(path, x):
+    p = path_str(path)
+    for rx, red, out in rules:
+      if rx.search(p):
+        if red is None or np.ndim(x) < len(red) + len(out):
+          return None
+        return optax.contrib.MuonDimensionNumbers(reduction_axis=red, output_axis=out)
+    return None
+
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 def _base_optimizer(o, schedule, decay_mask) -> optax.GradientTransformation:
   if o.name == 'adamw':
     return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
@@ -116,10 +149,13 @@ def _base_optimizer(o, schedule, decay_mask) -> optax.GradientTransformation:
         optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
         optax.sgd(schedule, momentum=o.momentum or None, nesterov=False))
   if o.name == 'muon':
-    # Muon orthogonalises 2-D updates; other params (norms, biases) use Adam.
+    # Muon orthogonalises the weight matrices (muon_dimension_numbers); embeddings,
+    # the output head, norms and biases use Adam (as in Jordan et al. 2024) and get no
+    # weight decay (optax applies Adam's decay unmasked, so it stays 0).
     return optax.contrib.muon(schedule, beta=o.b1 if o.b1 > 0 else 0.95,
                               weight_decay=o.weight_decay, weight_decay_mask=decay_mask,
-                              adam_b1=o.b1, adam_b2=o.b2)
+                              adam_b1=o.b1, adam_b2=o.b2,
+                              muon_weight_dimension_numbers=muon_dimension_numbers)
   raise ConfigError(f'optimizer.name={o.name!r} is unknown; use one of {OPTIMIZERS}.')
 
 
@@ -143,14 +179,25 @@ def _lr_multipliers(rules) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(o: ml_collections.ConfigDict, total_steps: int
+def scale_schedule(schedule: optax.Schedule, factor: optax.Schedule | None
+                   ) -> optax.Schedule:
+  """``count -> schedule(count) * factor(count)`` (e.g. a batch ramp's LR scaling)."""
+  if factor is None:
+    return schedule
+  return lambda count: schedule(count) * factor(count)
+
+
+def make_optimizer(o: ml_collections.ConfigDict, total_steps: int,
+                   lr_factor: optax.Schedule | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """clip -> optimizer (masked decay) -> LR multipliers, with frozen params masked off.
 
   Frozen parameters go through ``optax.set_to_zero`` inside ``multi_transform``, which
-  keeps no optimizer state for them.
+  keeps no optimizer state for them. ``lr_factor(count)`` multiplies the schedule
+  (research/batch_ramp.py: the LR scaling of the batch in effect at that step); the
+  returned schedule includes it.
   """
-  schedule = make_schedule(o, total_steps)
+  schedule = scale_schedule(make_schedule(o, total_steps), lr_factor)
   decay_mask = lambda params: regex_mask(params, o.no_decay_regex, match=False)
   parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
   parts.append(_base_optimizer(o, schedule, decay_mask))
@@ -189,3 +236,19 @@ def validate_optimizer_config(o: ml_collections.ConfigDict) -> None:
     if len(rule) != 2:
       raise ConfigError(
           f'optimizer.lr_multipliers entries are (regex, multiplier) pairs, got {rule!r}.')
+
+
+def run_schedule(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """Per step (1..steps) of a run: the learning rate, global batch and tokens seen.
+
+  Exactly what the trainer uses: ``make_optimizer``'s schedule (with the batch ramp's
+  LR scaling) evaluated at count = step - 1, and the ramp's batch size of each step.
+  """
+  from research import batch_ramp  # Late: batch_ramp imports nothing from here.
+  ramp = batch_ramp.BatchRamp.from_config(config)
+  schedule = scale_schedule(make_schedule(config.optimizer, config.steps), ramp.lr_factor())
+  steps = np.arange(1, config.steps + 1)
+  lr = np.asarray(jax.device_get(schedule(jnp.arange(config.steps))), np.float64)
+  batch = np.array([ramp.batch_size(int(s)) for s in steps])
+  return {'step': steps, 'learning_rate': lr, 'batch_size': batch,
+          'tokens_seen': np.cumsum(batch) * config.seq_len}

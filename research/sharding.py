@@ -1,28 +1,57 @@
 """Device mesh, logical-axis rules and activation sharding constraints.
 
 Models name only logical axes (``'batch'``, ``'embed'``, ``'heads'``...). This module
-maps them to the mesh axes ``('data', 'fsdp', 'tensor')`` through a rules table, the
-way MaxText does. Parameter names and activation names differ (``'embed'`` for a
-weight dimension is FSDP-sharded; ``'act_embed'`` of an activation is not).
+maps them to mesh axes through a rules table, the way MaxText does. Parameter names
+and activation names differ (``'embed'`` of a weight is FSDP-sharded; ``'act_embed'``
+of an activation is not).
+
+The mesh always has the five axes of :data:`MESH_AXES`; an axis of size 1 costs
+nothing, so one rules table serves every layout and the mesh *shape* chooses the
+parallelism:
+
+  ``mesh.data=N``    data parallelism: parameters replicated, batch split, gradients
+                     all-reduced.
+  ``mesh.fsdp=N``    FSDP / ZeRO-3: every weight's ``'embed'`` dimension (and with it
+                     the Adam state, which is sharded like its parameter) split N ways;
+                     each layer's weights are all-gathered for the forward and
+                     backward pass and gradients reduce-scattered. The batch is split
+                     over data x fsdp.
+  ``mesh.tensor=N``  Megatron-style tensor parallelism: attention heads, the MLP hidden
+                     dimension and the vocabulary split N ways inside each layer
+                     (column-parallel in, row-parallel out, one all-reduce per block).
+  ``mesh.sequence``  activations' sequence axis split (a seam for sequence/context
+                     parallelism; XLA inserts the attention collectives).
+  ``mesh.expert``    reserved for mixture-of-experts layers (none exist yet): must be 1.
+
+``mesh.rules`` overrides single rows of :data:`DEFAULT_RULES` (e.g. ``'embed=none'``
+turns FSDP sharding of weights off while keeping the batch split), and
+``mesh.dcn_data`` lays the data axis across slices/hosts joined by the slower
+data-centre network (multi-slice), with the other axes inside each slice.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import math
+from typing import Any, Iterator, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from flax.core import spmd
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+# Order matters: the last axes vary fastest over the device list, so 'tensor' (the most
+# communication per step) gets neighbouring devices (one NVLink/ICI island).
+MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor', 'expert')
+
+Rule = tuple[str, 'str | tuple[str, ...] | None']
 
 # Logical axis -> mesh axes. Every logical name used by a model must appear here.
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+DEFAULT_RULES: tuple[Rule, ...] = (
     # Activations.
     ('batch', ('data', 'fsdp')),
-    ('seq', None),
+    ('seq', 'sequence'),
     ('act_embed', None),
     ('act_heads', 'tensor'),
     ('act_kv_heads', 'tensor'),
@@ -42,52 +71,185 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('classes', None),
     ('lora_rank', None),
 )
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A mesh over all devices; one axis may be -1 (all remaining devices)."""
+def _config_error(message: str) -> Exception:
   from research.config import ConfigError  # Local: avoid an import cycle.
+  return ConfigError(message)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def validate_mesh_config(mesh_cfg) -> None:
+  """Static checks of the ``mesh`` section (no devices needed); one-line errors."""
+  for axis in ('data', 'fsdp', 'sequence', 'tensor', 'expert'):
+    v = mesh_cfg[axis]
+    if not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1:
+      raise _config_error(f'mesh.{axis}={v!r} must be a positive integer or -1 (all remaining devices).')
+  free = [a for a in ('data', 'fsdp', 'sequence', 'tensor', 'expert') if mesh_cfg[a] == -1]
+  if len(free) > 1:
+    raise _config_error(
+        f'mesh: only one axis may be -1, got mesh.{free[0]}=-1 and mesh.{free[1]}=-1; '
+        f'set mesh.{free[1]} to a number.')
+  if mesh_cfg.expert != 1:
+    raise _config_error(
+        f'mesh.expert={mesh_cfg.expert} but no model has mixture-of-experts layers yet; '
+        f'set mesh.expert=1.')
+  dcn = mesh_cfg.dcn_data
+  if not isinstance(dcn, int) or isinstance(dcn, bool) or dcn < 1:
+    raise _config_error(f'mesh.dcn_data={dcn!r} must be a positive integer (1: one slice).')
+  if dcn > 1 and mesh_cfg.data != -1 and mesh_cfg.data % dcn:
+    raise _config_error(
+        f'mesh.dcn_data={dcn} does not divide mesh.data={mesh_cfg.data}; the data axis is '
+        f'laid out as dcn_data slices x (data/dcn_data) devices per slice.')
+  rules_from_config(mesh_cfg)  # Validates mesh.rules.
+
+
+def parse_rules(text: str) -> tuple[Rule, ...]:
+  """``'embed=none,mlp=tensor+fsdp'`` -> ``(('embed', None), ('mlp', ('tensor', 'fsdp')))``."""
+  out = []
+  for i, item in enumerate(p.strip() for p in text.split(',')):
+    if not item:
+      continue
+    name, sep, target = (t.strip() for t in item.partition('='))
+    if not sep or not name or not target:
+      raise _config_error(
+          f'mesh.rules item {i} {item!r} must be logical_axis=mesh_axis (none, one mesh '
+          f"axis, or several joined by '+'), e.g. 'embed=none,mlp=tensor'.")
+    axes = tuple(a.strip() for a in target.split('+'))
+    if len(axes) == 1 and axes[0].lower() == 'none':
+      out.append((name, None))
+    else:
+      out.append((name, axes[0] if len(axes) == 1 else axes))
+  return tuple(out)
+
+
+def rules_from_config(mesh_cfg) -> tuple[Rule, ...]:
+  """:data:`DEFAULT_RULES` with the rows named in ``mesh.rules`` replaced.
+
+  ``mesh.rules`` is a string ``'logical=mesh_axis,...'`` (``none`` = replicated,
+  ``a+b`` = split over two mesh axes), e.g. ``'embed=none'`` turns off FSDP of the
+  weights and ``'mlp=tensor+fsdp'`` splits the MLP width over both axes.
+  """
+  text = mesh_cfg.get('rules', '') or ''
+  if not isinstance(text, str):
+    raise _config_error(
+        f"mesh.rules={text!r} must be a string like 'embed=none,mlp=tensor+fsdp'.")
+  table = dict(DEFAULT_RULES)
+  for i, (name, target) in enumerate(parse_rules(text)):
+    if name not in table:
+      raise _config_error(
+          f'mesh.rules: logical axis {name!r} is unknown; use one of {list(LOGICAL_AXES)}.')
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    for a in axes:
+      if a not in MESH_AXES:
+        raise _config_error(
+            f'mesh.rules: mesh axis {a!r} (for {name!r}) is unknown; use none or names '
+            f'from {list(MESH_AXES)}.')
+    if len(set(axes)) != len(axes):
+      raise _config_error(f'mesh.rules: {name!r} names a mesh axis twice: {"+".join(axes)}.')
+    table[name] = target
+  return tuple(table.items())
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, sequence: int = 1,
+              expert: int = 1, dcn_data: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A mesh over all devices with Auto axes; one axis may be -1 (the rest).
+
+  Raises ConfigError (naming the axes and the numbers) when the sizes do not multiply
+  to the device count. ``dcn_data > 1`` splits the data axis as ``dcn_data`` slices
+  (TPU slices, or processes where devices have no ``slice_index``) x devices within a
+  slice, so only the data-parallel gradient reduction crosses the slow network.
+  """
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
-  shape = {'data': data, 'fsdp': fsdp, 'tensor': tensor}
+  shape = {'data': data, 'fsdp': fsdp, 'sequence': sequence, 'tensor': tensor,
+           'expert': expert}
   free = [k for k, v in shape.items() if v == -1]
   if len(free) > 1:
-    raise ConfigError(f'mesh: only one axis may be -1, got {shape}; set mesh.{free[1]} to a number.')
+    raise _config_error(f'mesh: only one axis may be -1, got {shape}; set mesh.{free[1]} to a number.')
   for k, v in shape.items():
     if v == 0 or v < -1:
-      raise ConfigError(f'mesh.{k} must be a positive int or -1, got {v}.')
-  fixed = 1
-  for k, v in shape.items():
-    if v != -1:
-      fixed *= v
+      raise _config_error(f'mesh.{k} must be a positive int or -1, got {v}.')
+  fixed = math.prod(v for v in shape.values() if v != -1)
   if free:
     if n % fixed:
-      raise ConfigError(
-          f'mesh: {n} devices are not divisible by the fixed axes {shape} '
-          f'(product {fixed}); change mesh.* so they divide {n}.')
+      named = '*'.join(f'{k}={v}' for k, v in shape.items() if v != -1 and (v > 1 or k != 'expert'))
+      raise _config_error(
+          f'mesh: {n} devices are not divisible by the fixed axes {named} '
+          f'(product {fixed}) so mesh.{free[0]}=-1 cannot take the rest; make the '
+          f'fixed axes divide {n}.')
     shape[free[0]] = n // fixed
-  total = shape['data'] * shape['fsdp'] * shape['tensor']
+  total = math.prod(shape.values())
   if total != n:
-    raise ConfigError(
-        f'mesh: data*fsdp*tensor = {shape["data"]}*{shape["fsdp"]}*{shape["tensor"]} = '
-        f'{total} but there are {n} devices; set one axis to -1 or make the product {n}.')
-  return jax.make_mesh(
-      tuple(shape[a] for a in MESH_AXES), MESH_AXES,
-      axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    shown = {k: v for k, v in shape.items() if k in ('data', 'fsdp', 'tensor') or v != 1}
+    raise _config_error(
+        f'mesh: {"*".join(shown)} = {"*".join(map(str, shown.values()))} = {total} but '
+        f'there are {n} devices; set one axis to -1 or make the product {n}.')
+  sizes = tuple(shape[a] for a in MESH_AXES)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if dcn_data == 1:
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+  return jax.sharding.Mesh(hybrid_device_array(sizes, dcn_data, devices), MESH_AXES,
+                           axis_types=axis_types)
+
+
+def hybrid_device_array(sizes: Sequence[int], dcn_data: int, devices: Sequence[Any]
+                        ) -> np.ndarray:
+  """Devices as an array of ``sizes`` whose data axis spans ``dcn_data`` granules."""
+  if sizes[0] % dcn_data:
+    raise _config_error(
+        f'mesh.dcn_data={dcn_data} does not divide mesh.data={sizes[0]}; the data axis is '
+        f'laid out as dcn_data slices x (data/dcn_data) devices per slice.')
+  by_slice = all(getattr(d, 'slice_index', None) is not None for d in devices)
+  granules = {getattr(d, 'slice_index' if by_slice else 'process_index') for d in devices}
+  if len(granules) != dcn_data:
+    unit = 'slices' if by_slice else 'processes'
+    raise _config_error(
+        f'mesh.dcn_data={dcn_data} but the {len(devices)} devices form {len(granules)} '
+        f'{unit}; set mesh.dcn_data={len(granules)} (or 1).')
+  from jax.experimental import mesh_utils
+  ici = (sizes[0] // dcn_data,) + tuple(sizes[1:])
+  dcn = (dcn_data,) + (1,) * (len(sizes) - 1)
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, list(devices),
+                                              process_is_granule=not by_slice)
+
+
+def mesh_from_config(mesh_cfg, devices: Sequence[jax.Device] | None = None
+                     ) -> jax.sharding.Mesh:
+  """The mesh a config's ``mesh`` section describes, over ``devices`` (default all)."""
+  validate_mesh_config(mesh_cfg)
+  return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, sequence=mesh_cfg.sequence,
+                   expert=mesh_cfg.expert, dcn_data=mesh_cfg.dcn_data, devices=devices)
+
+
+# --------------------------------------------------------------------------- rules
 
 
 def logical_to_mesh_spec(names: Sequence[str | None], rules=DEFAULT_RULES) -> P:
-  """``('batch', 'seq')`` -> ``P(('data', 'fsdp'), None)``."""
+  """``('batch', 'seq')`` -> ``P(('data', 'fsdp'), 'sequence')``."""
   table = dict(rules)
-  out = []
+  out, used = [], {}
   for name in names:
     if name is None:
       out.append(None)
-    elif name not in table:
+      continue
+    if name not in table:
       raise KeyError(f'logical axis {name!r} has no sharding rule; add it to the rules.')
-    else:
-      out.append(table[name])
+    target = table[name]
+    for a in (target,) if isinstance(target, str) else (target or ()):
+      if a in used:
+        raise _config_error(
+            f'logical axes {used[a]!r} and {name!r} of one array both map to mesh axis '
+            f'{a!r}; change mesh.rules so each mesh axis is used once per array.')
+      used[a] = name
+    out.append(target)
   return P(*out)
 
 
@@ -95,7 +257,19 @@ def logical_to_mesh_spec(names: Sequence[str | None], rules=DEFAULT_RULES) -> P:
 def use_mesh(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
   """Makes ``mesh`` and the logical rules current (for init, constraints, the step)."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    yield
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - only DuplicateSpecError is translated.
+      # Flax builds a NamedSharding per annotated parameter from the rules; two of its
+      # logical axes mapped to one mesh axis fail there, with JAX's own wording.
+      if type(e).__name__ != 'DuplicateSpecError':
+        raise
+      import re
+      spec = re.search(r"(P\(.*?\)) has duplicate entries for `(\w+)`", str(e))
+      what = f'{spec.group(1)} uses mesh axis {spec.group(2)!r} twice' if spec else str(e)[:200]
+      raise _config_error(
+          f'mesh.rules map two logical axes of one array to the same mesh axis: {what}; '
+          f'change mesh.rules so each mesh axis is used once per array.') from None
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -118,14 +292,61 @@ def logical_names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
   return tuple(names) if names is not None else None
 
 
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    k = getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))
+    if k in ('value', 'raw_value'):
+      continue
+    parts.append(str(k))
+  return '/'.join(parts)
+
+
+def _axis_config_name(axis: str) -> str:
+  return f'mesh.{axis}'
+
+
+def check_shardable(path: str, shape: Sequence[int], names: Sequence[str | None],
+                    spec: P, mesh: jax.sharding.Mesh) -> None:
+  """Every dimension divides by the product of the mesh axes it is split over."""
+  for dim, (size, name, target) in enumerate(zip(shape, names, spec)):
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if ways > 1 and size % ways:
+      what = '*'.join(f'{_axis_config_name(a)}={mesh.shape[a]}' for a in axes)
+      raise _config_error(
+          f'{what} does not divide dimension {dim} ({name!r}, size {size}) of {path} '
+          f'{list(shape)}; choose mesh sizes that divide it (or change mesh.rules).')
+
+
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
   """NamedShardings for an NNX state, from each Variable's logical axis names.
 
-  Unannotated variables (RNG keys, step counters) are replicated.
+  Unannotated variables (RNG keys, step counters) are replicated. Raises ConfigError
+  (naming the parameter, the mesh axis and the sizes) when a dimension does not divide
+  by the mesh axes it would be split over, before anything is compiled.
   """
-  def to_sharding(v):
+  def to_sharding(path, v):
     names = logical_names(v) if isinstance(v, nnx.Variable) else None
     spec = logical_to_mesh_spec(names, rules) if names else P()
+    if names:
+      value = v.get_value() if isinstance(v, nnx.Variable) else v
+      shape = getattr(value, 'shape', None)
+      if shape is not None and len(shape) == len(names):
+        check_shardable(_path_str(path), shape, names, spec, mesh)
     return v.replace(NamedSharding(mesh, spec)) if isinstance(v, nnx.Variable) else NamedSharding(mesh, spec)
 
-  return jax.tree.map(to_sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(
+      to_sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded arrays / ShapeDtypeStructs (max shard)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = tuple(x.shape)
+    sharding = getattr(x, 'sharding', None)
+    if sharding is not None:
+      shape = sharding.shard_shape(shape)
+    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+  return total

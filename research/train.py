@@ -327,6 +327,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   sources.validate_data_config(config.data)
 
   tokenizer = tokenizers.make_tokenizer(config.data, workdir)
+  if config.finetune.init_from:  # An HF source brings its tokenizer.json.
+    tokenizer = finetune_init.source_tokenizer(config, tokenizer)
   resolve_vocab(config, tokenizer.vocab_size)
   task = make_task(config)
   train_iter = task.make_iterator(  # Batches of ramp.unit (batch_size without a ramp).

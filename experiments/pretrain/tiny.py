@@ -17,13 +17,13 @@ def get_config(arg: str | None = None):
   a = parse_arg(arg, smoke=False)
   c = base_config()
   c.name = 'tiny'
-  c.steps = 600
+  c.steps = 400
   c.batch_size = 32
   c.seq_len = 128
   c.log_every = 50
-  c.eval_every = 200
+  c.eval_every = 100
   c.eval_steps = 8
-  c.checkpoint_every = 200
+  c.checkpoint_every = 100
   c.model.d_model = 128
   c.model.num_layers = 2
   c.model.num_heads = 4

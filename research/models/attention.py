@@ -39,17 +39,23 @@ def apply_rope(x_BLNH: jax.Array, sin_BLK: jax.Array, cos_BLK: jax.Array) -> jax
 class Attention(nnx.Module):
   """Self-attention with ``num_kv_heads`` K/V heads shared by groups of query heads.
 
-  Parameters (``nnx.Einsum`` kernels, no biases):
+  Parameters (``nnx.Einsum`` kernels):
     query ``[D, N, Dh]`` ('embed', 'heads', 'kv'); key, value ``[D, K, Dh]``
     ('embed', 'kv_heads', 'kv'); out ``[N, Dh, D]`` ('heads', 'kv', 'embed').
+    With ``use_bias`` (GPT-2) each also has a ``bias`` of its output shape
+    (``[N, Dh]``, ``[K, Dh]``, ``[D]``), zero-initialised.
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                causal: bool, use_rope: bool, implementation: str, init_std: float,
-               out_init_std: float, dtype, param_dtype, rngs: nnx.Rngs):
+               out_init_std: float, dtype, param_dtype, rngs: nnx.Rngs,
+               use_bias: bool = False):
     def proj(eq, shape, std, names):
+      n_out = len(eq.split('->')[1]) - 2  # Output feature axes (after B, L).
+      bias = dict(bias_shape=shape[-n_out:], bias_init=nnx.with_partitioning(
+          jax.nn.initializers.zeros, names[-n_out:])) if use_bias else {}
       return nnx.Einsum(eq, shape, dtype=dtype, param_dtype=param_dtype,
-                        kernel_init=normal_init(std, names), rngs=rngs)
+                        kernel_init=normal_init(std, names), rngs=rngs, **bias)
 
     self.query = proj('BLD,DNH->BLNH', (d_model, num_heads, head_dim), init_std,
                       ('embed', 'heads', 'kv'))

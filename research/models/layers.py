@@ -89,15 +89,18 @@ class MLP(nnx.Module):
 
   ``swiglu``: ``wo(silu(wi_0 x) * wi_1 x)`` (three kernels, LLaMA/PaLM style).
   ``gelu``: ``wo(gelu(wi x))`` (two kernels, GPT-2 style, tanh approximation).
-  Kernels are ``nnx.Linear`` without bias: ``.../wi_0/kernel`` is ('embed', 'mlp'),
-  ``.../wo/kernel`` is ('mlp', 'embed').
+  Kernels are ``nnx.Linear`` (bias only with ``use_bias``, GPT-2): ``.../wi_0/kernel``
+  is ('embed', 'mlp'), ``.../wo/kernel`` is ('mlp', 'embed').
   """
 
   def __init__(self, d_model: int, mlp_dim: int, *, kind: str, init_std: float,
-               out_init_std: float, dtype, param_dtype, rngs: nnx.Rngs):
+               out_init_std: float, dtype, param_dtype, rngs: nnx.Rngs,
+               use_bias: bool = False):
     def dense(din, dout, std, names):
-      return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                        kernel_init=normal_init(std, names), rngs=rngs)
+      return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                        kernel_init=normal_init(std, names),
+                        bias_init=nnx.with_partitioning(jax.nn.initializers.zeros, names[1:]),
+                        rngs=rngs)
 
     self.kind = kind
     if kind == 'swiglu':

@@ -20,6 +20,7 @@ Parameter paths (``'/'``-joined, as the optimizer's regex rules see them)::
   blocks/mlp/wo/kernel                 [(Ly,) F, D]       ('mlp', 'embed')
   final_norm/scale                     [D]
   unembed/kernel                       [D, Vp]       ('embed', 'vocab')     untied only
+  .../{query,key,value,out,wi,wi_0,wi_1,wo}/bias   output shape   model.use_bias only
 
 ``Vp`` is the vocabulary padded to a multiple of 128 (:func:`padded_vocab_size`).
 With ``scan_layers=True`` block parameters have the leading ``Ly`` axis (logical
@@ -111,7 +112,7 @@ def validate_model_config(cfg: ml_collections.ConfigDict, seq_len: int | None = 
     if not _is_int(cfg[key]) or cfg[key] < 0:
       raise ConfigError(
           f'model.{key}={cfg[key]!r} must be an integer >= 0 (0 means {meaning}).')
-  for key in ('tie_embeddings', 'scan_layers', 'causal'):
+  for key in ('tie_embeddings', 'scan_layers', 'causal', 'use_bias'):
     if not isinstance(cfg[key], bool):
       raise ConfigError(f'model.{key}={cfg[key]!r} must be True or False.')
 
@@ -180,11 +181,11 @@ class Block(nnx.Module):
         cfg.d_model, cfg.num_heads, dims['num_kv_heads'], dims['head_dim'],
         causal=cfg.causal, use_rope=cfg.positions == 'rope',
         implementation=cfg.attention_impl, init_std=cfg.init_std, out_init_std=out_std,
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=cfg.use_bias)
     self.mlp_norm = norm()
     self.mlp = layers.MLP(cfg.d_model, dims['mlp_dim'], kind=cfg.mlp_kind,
                           init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+                          param_dtype=param_dtype, rngs=rngs, use_bias=cfg.use_bias)
     self.dropout_rate = float(cfg.dropout)
 
   def __call__(self, x_BLD: jax.Array, *, rope=None, mask_BL=None, kv_cache=None,

@@ -47,13 +47,17 @@ class Task:
   trainable: Any = nnx.Param  # nnx filter of what the optimizer updates.
 
 
-_REGISTRY = {'lm': 'research.tasks.lm'}
+_REGISTRY = {'lm': 'research.tasks.lm',
+             'classification': 'research.tasks.classification',  # Fine-tuning tasks.
+             'sft': 'research.tasks.sft'}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:
   if config.task not in _REGISTRY:
     raise ConfigError(f'task={config.task!r} is unknown; use one of {sorted(_REGISTRY)}.')
-  return importlib.import_module(_REGISTRY[config.task]).make_task(config)
+  task = importlib.import_module(_REGISTRY[config.task]).make_task(config)
+  from research.finetune import adapt_task  # LoRA / frozen backbone (finetune.mode).
+  return adapt_task(task, config)
 
 
 def register(name: str, module: str) -> None:

@@ -1,0 +1,1 @@
+"""Code shared by the cluster launchers (Slurm, Kubernetes, Cloud TPU VM, local)."""

@@ -1,0 +1,1 @@
+"""Slurm launcher: ``python -m launch.slurm`` (see sbatch.py for what it writes)."""

@@ -1,0 +1,1 @@
+"""Cloud TPU VM launcher: ``python -m launch.tpu`` (see command.py)."""

@@ -1,0 +1,504 @@
+"""Ahead-of-time plan of a training run on a mesh: memory, FLOPs and collectives.
+
+``plan(config)`` lowers and compiles the real train step (the trainer's
+:func:`research.train.train_step` with its shardings and donation) for the config's
+mesh without allocating a single array: the state comes from
+:func:`research.train.abstract_train_state` (``ShapeDtypeStruct``s with shardings) and
+the batch is abstract too. The devices are whatever JAX has; ``launch.plan`` fakes N
+CPU devices, so a 256- or 1024-device mesh can be planned on a laptop.
+
+What it reports, per device (the SPMD program every device runs):
+
+* state memory from the shardings: parameters, optimizer state, gradients (one per
+  trainable parameter, in the parameter dtype), and their sum as the analytic
+  estimate ``params + grads + optimizer``;
+* the compiler's buffer assignment (``compiled.memory_analysis()``): arguments,
+  outputs, aliased (donated) bytes, temporaries, and the peak
+  ``arguments + outputs - aliased + temporaries``; activations and work buffers are the
+  temporaries minus the gradients;
+* the same peak for a *floor* batch (one 16-token sequence per batch shard), i.e. what
+  the state costs once activations are negligible, compared with the analytic state
+  floor: params + grads + optimizer + the transient buffers a step needs besides them
+  (one layer all-gathered with its full gradient under FSDP, or one gradient-sized
+  update buffer, whichever is larger; plus the accumulator with gradient
+  accumulation). Measured on CPU: within 0.5% for Llama-7B on 256 devices and a few %
+  for small FSDP/DP/TP meshes; +16% for 70B with gradient accumulation;
+* FLOPs per step: matmul FLOPs counted in the optimised HLO with each loop body
+  multiplied by its trip count (XLA's own ``cost_analysis()`` counts a scanned layer
+  stack once; it is shown too), against the PaLM formula ``6N + 12 L d T`` per token;
+* collectives in the HLO (all-gather, reduce-scatter, all-reduce, all-to-all,
+  collective-permute): static count, executions per step and bytes per step.
+
+Memory is for the backend that compiled it (CPU when faked): fusion and buffer reuse
+differ on GPU/TPU, so treat the figures as estimates with a margin (see README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from research import metrics as metrics_lib
+from research import sharding as shd
+from research.config import ConfigError
+from research.models.transformer import count_params, resolved_dims
+from research.tasks import make_task
+from research.validation import (check_batch_divisibility, check_tensor_divisibility,
+                                 validate_config)
+
+GiB = 1024 ** 3
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
+               'collective-permute')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2,
+          'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
+          'c64': 8, 'c128': 16, 's4': 1, 'u4': 1}
+
+
+class PlanError(ConfigError):
+  """The config cannot be planned or does not fit the device memory (one line)."""
+
+
+# --------------------------------------------------------------------------- HLO text
+
+
+@dataclasses.dataclass
+class _Comp:
+  dot_flops: float = 0.0
+  collectives: dict = dataclasses.field(default_factory=dict)  # op -> [count, bytes]
+  calls: list = dataclasses.field(default_factory=list)  # (callee, multiplier)
+
+
+def _shape_dims(type_str: str) -> list[tuple[str, list[int]]]:
+  """``'(f32[2,3]{1,0}, bf16[4])'`` -> ``[('f32', [2, 3]), ('bf16', [4])]``."""
+  return [(dt, [int(d) for d in dims.split(',') if d.strip()])
+          for dt, dims in re.findall(r'\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,\s]*)\]', type_str)]
+
+
+def _type_bytes(type_str: str) -> int:
+  return sum(_BYTES.get(dt, 4) * math.prod(dims) for dt, dims in _shape_dims(type_str))
+
+
+def _split_instruction(line: str):
+  """``%x = TYPE op(operands), attrs`` -> (name, type, op, operands, attrs) or None."""
+  m = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*', line)
+  if not m:
+    return None
+  rest = line[m.end():]
+  if rest.startswith('('):  # Tuple type: balanced parentheses.
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += ch == '('
+      depth -= ch == ')'
+      if depth == 0:
+        break
+    type_str, rest = rest[:i + 1], rest[i + 1:].lstrip()
+  else:
+    type_str, _, rest = rest.partition(' ')
+  m2 = re.match(r'([\w\-]+)\(', rest)
+  if not m2:
+    return None
+  op = m2.group(1)
+  depth, start = 0, m2.end() - 1
+  for j in range(start, len(rest)):
+    depth += rest[j] == '('
+    depth -= rest[j] == ')'
+    if depth == 0:
+      break
+  return m.group(1), type_str, op, rest[start + 1:j], rest[j + 1:]
+
+
+def analyze_hlo(text: str) -> dict[str, Any]:
+  """Matmul FLOPs and collectives of an optimised HLO module, loops x trip counts."""
+  comps: dict[str, _Comp] = {}
+  entry = None
+  current: _Comp | None = None
+  symbols: dict[str, str] = {}
+  unknown_trip = 0
+  for line in text.splitlines():
+    header = re.match(r'^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$', line)
+    if header:
+      current = comps.setdefault(header.group(2), _Comp())
+      symbols = {}
+      if header.group(1):
+        entry = header.group(2)
+      continue
+    if current is None or line.strip() in ('', '}'):
+      continue
+    parsed = _split_instruction(line)
+    if parsed is None:
+      continue
+    name, type_str, op, operands, attrs = parsed
+    symbols[name] = type_str
+    if op == 'dot':
+      out = _shape_dims(type_str)
+      lhs_name = operands.split(',')[0].strip()
+      inline = _shape_dims(lhs_name)
+      lhs = inline[0][1] if inline else None
+      if lhs is None:
+        ref = lhs_name.split()[-1].lstrip('%')
+        lhs_types = _shape_dims(symbols.get(ref, ''))
+        lhs = lhs_types[0][1] if lhs_types else None
+      cdims = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', attrs)
+      if out and lhs is not None:
+        k = math.prod(lhs[int(d)] for d in cdims.group(1).split(',') if d) if cdims else 1
+        current.dot_flops += 2.0 * math.prod(out[0][1]) * k
+    base = op[:-6] if op.endswith('-start') else op
+    if base in COLLECTIVES and not op.endswith('-done'):
+      size = _type_bytes(type_str)
+      if op.endswith('-start') and type_str.startswith('('):
+        parts = _shape_dims(type_str)  # (operands..., outputs...): count the outputs.
+        size = sum(_BYTES.get(dt, 4) * math.prod(d) for dt, d in parts[len(parts) // 2:])
+      entry_ = current.collectives.setdefault(base, [0, 0])
+      entry_[0] += 1
+      entry_[1] += size
+    if op == 'while':
+      trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
+      if trip is None:
+        unknown_trip += 1
+      body = re.search(r'body=%?([\w.\-]+)', attrs)
+      if body:
+        current.calls.append((body.group(1), int(trip.group(1)) if trip else 1))
+    else:
+      for key in ('calls', 'to_apply', 'true_computation', 'false_computation'):
+        for callee in re.findall(rf'\b{key}=%?([\w.\-]+)', attrs):
+          current.calls.append((callee, 1))
+      branches = re.search(r'branch_computations=\{([^}]*)\}', attrs)
+      if branches:
+        for callee in branches.group(1).split(','):
+          current.calls.append((callee.strip().lstrip('%'), 1))
+
+  memo: dict[str, tuple[float, dict]] = {}
+
+  def total(name: str, stack=()) -> tuple[float, dict]:
+    if name in memo:
+      return memo[name]
+    comp = comps.get(name)
+    if comp is None or name in stack:
+      return 0.0, {}
+    flops = comp.dot_flops
+    coll = {k: {'count': v[0], 'per_step': v[0], 'bytes_per_step': v[1]}
+            for k, v in comp.collectives.items()}
+    for callee, mult in comp.calls:
+      f, c = total(callee, stack + (name,))
+      flops += mult * f
+      for k, v in c.items():
+        agg = coll.setdefault(k, {'count': 0, 'per_step': 0, 'bytes_per_step': 0})
+        agg['count'] += v['count']
+        agg['per_step'] += mult * v['per_step']
+        agg['bytes_per_step'] += mult * v['bytes_per_step']
+    memo[name] = (flops, coll)
+    return memo[name]
+
+  if entry is None:
+    raise ValueError('no ENTRY computation in the HLO text')
+  flops, coll = total(entry)
+  return {'dot_flops': flops, 'collectives': coll, 'loops_with_unknown_trip_count': unknown_trip}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def fsdp_working_set(params, mesh: jax.sharding.Mesh) -> tuple[int, str]:
+  """Bytes of one layer's weights all-gathered over 'fsdp' plus its full gradient.
+
+  FSDP keeps every weight split, but the layer being computed needs its whole weights
+  (all-gathered) and produces its whole gradient before the reduce-scatter: 2 x the
+  largest layer, unsplit on the fsdp axis (still split on the others). A layer is one
+  slice of the scanned stack (leading 'layers' axis), one ``blocks/<i>`` of an
+  unscanned model, or any other single weight (the embedding). 0 without FSDP.
+  Returns (bytes, name of the largest layer).
+  """
+  if mesh.shape.get('fsdp', 1) == 1:
+    return 0, ''
+  groups: dict[str, int] = {}
+  for path, var in nnx.to_flat_state(params):
+    value = var.get_value() if isinstance(var, nnx.Variable) else var
+    names = shd.logical_names(var) or ()
+    sharding = value.sharding
+    spec = [tuple(a for a in ((e,) if isinstance(e, str) else (e or ())) if a != 'fsdp') or None
+            for e in sharding.spec]
+    shape = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)).shard_shape(
+        tuple(value.shape))
+    parts = [str(p) for p in path]
+    if names and names[0] == 'layers':
+      key, shape = 'one scanned layer', shape[1:]
+    else:
+      idx = next((i for i, p in enumerate(path) if isinstance(p, int)), None)
+      key = '/'.join(parts[:idx + 1]) if idx is not None else '/'.join(parts)
+    groups[key] = groups.get(key, 0) + math.prod(shape) * jnp.dtype(value.dtype).itemsize
+  key = max(groups, key=groups.get)
+  return 2 * groups[key], key
+
+
+def resolve_vocab_for_plan(config: ml_collections.ConfigDict) -> None:
+  """model.vocab_size=0 means 'the tokenizer's': take it from data.* without training one."""
+  if config.model.vocab_size == 0:
+    if config.data.tokenizer == 'sentencepiece':
+      config.model.vocab_size = int(config.data.spm_vocab_size)
+    else:
+      from research.data.tokenizers import ByteTokenizer
+      config.model.vocab_size = ByteTokenizer().vocab_size
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, seq_len: int,
+                   sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The language-model batch the trainer feeds the step, as ShapeDtypeStructs."""
+  shape = (batch_size, seq_len)
+  return {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+          'targets': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+          'mask': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
+
+
+def _compile_step(config, mesh, rules, ts, task, batch_size, seq_len):
+  from research.train import train_step
+  batch_sharding = shd.named(mesh, ('batch', 'seq'), rules)
+  step = jax.jit(
+      functools.partial(train_step, ts.graphdef, objective=task.objective,
+                        accum_steps=config.optimizer.grad_accum_steps, wrt=task.trainable),
+      in_shardings=(ts.shardings, batch_sharding), out_shardings=(ts.shardings, None),
+      donate_argnums=(0,))
+  batch = abstract_batch(config, batch_size, seq_len, batch_sharding)
+  with shd.use_mesh(mesh, rules):
+    t0 = time.perf_counter()
+    lowered = step.lower(ts.state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+  mem = compiled.memory_analysis()
+  m = {k: int(getattr(mem, k, 0) or 0) for k in (
+      'argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
+      'temp_size_in_bytes', 'generated_code_size_in_bytes')}
+  m['peak_bytes'] = (m['argument_size_in_bytes'] + m['output_size_in_bytes']
+                     - m['alias_size_in_bytes'] + m['temp_size_in_bytes'])
+  return compiled, m, {'lower_s': t1 - t0, 'compile_s': t2 - t1}
+
+
+def check_fits(report: dict[str, Any], device_memory_gb: float) -> None:
+  """Raises :class:`PlanError` (one line, carrying ``.report``) when the plan does not fit.
+
+  Before compiling the need is the analytic state floor; after, the compiled peak.
+  Sets ``report['fits']``.
+  """
+  mem = report['memory_per_device']
+  if report.get('compiled'):
+    need, what = mem['compiled']['peak_bytes'], 'the compiled train step'
+  else:
+    need, what = mem['analytic_floor'], 'the state alone (analytic, before compiling)'
+  report['device_memory_gb'] = device_memory_gb
+  report['fits'] = need <= device_memory_gb * GiB
+  if report['fits']:
+    return
+  if report.get('compiled'):
+    fix = ('more devices or fsdp/tensor shards, a smaller batch_size per step (more '
+           'optimizer.grad_accum_steps), or model.remat')
+  else:
+    fix = 'more devices or fsdp/tensor shards (the state is split fsdp*tensor ways)'
+  err = PlanError(
+      f'{report["config_name"]} does not fit: {what} needs {need / GiB:.1f} GiB per device '
+      f'on mesh {_mesh_str(report["mesh"])} ({report["devices"]} devices) but '
+      f'--device_memory_gb={device_memory_gb:g} (params {mem["params"] / GiB:.1f} + grads '
+      f'{mem["grads"] / GiB:.1f} + optimizer {mem["optimizer"] / GiB:.1f} GiB); use {fix}.')
+  err.report = report
+  raise err
+
+
+def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float | None = None,
+         floor: bool = True) -> dict[str, Any]:
+  """Compiles the train step of ``config`` on its mesh over ``jax.devices()``; a report.
+
+  With ``device_memory_gb``, raises :class:`PlanError` (carrying the report as
+  ``.report``) when the analytic state alone exceeds it (before compiling), or when
+  the compiled peak per device does.
+  """
+  t_start = time.perf_counter()
+  config = ml_collections.ConfigDict(config.to_dict())
+  resolve_vocab_for_plan(config)
+  validate_config(config)
+  mesh = shd.mesh_from_config(config.mesh)
+  rules = shd.rules_from_config(config.mesh)
+  n_dev = mesh.devices.size
+  check_batch_divisibility(config, dict(mesh.shape), jax.process_count())
+  check_tensor_divisibility(config.model, mesh.shape['tensor'])
+  from research.train import abstract_train_state
+  task = make_task(config)
+  t0 = time.perf_counter()
+  ts = abstract_train_state(config, mesh, task.build_model, wrt=task.trainable)
+  abstract_s = time.perf_counter() - t0
+
+  model_state, opt_state = ts.state[0], ts.state[1]
+  model, _ = nnx.merge(ts.graphdef, ts.state)
+  counts = count_params(model)
+  params = nnx.state(model, nnx.Param)
+  trainable = nnx.state(model, task.trainable)
+  del model
+  mem = {
+      'params': shd.per_device_bytes(params),
+      'optimizer': shd.per_device_bytes(opt_state),
+      'grads': shd.per_device_bytes(trainable),
+  }
+  mem['other_state'] = shd.per_device_bytes(model_state) - mem['params']
+  mem['params_grads_optimizer'] = mem['params'] + mem['grads'] + mem['optimizer']
+  mem['fsdp_gather'], mem['fsdp_largest_layer'] = fsdp_working_set(params, mesh)
+  # Besides the state, a step holds either one layer all-gathered (FSDP, inside the
+  # layer loop) or one gradient-sized buffer (the clipped gradient / Adam update, after
+  # the loop), whichever is larger; they are not live at the same time. Gradient
+  # accumulation adds the accumulator (one more gradient-sized buffer).
+  mem['transient'] = max(mem['fsdp_gather'], mem['grads'])
+  if config.optimizer.grad_accum_steps > 1:
+    mem['transient'] += mem['grads']
+  mem['analytic_floor'] = mem['params_grads_optimizer'] + mem['transient']
+
+  dims = resolved_dims(config.model)
+  tokens = config.batch_size * config.seq_len
+  per_token = metrics_lib.model_flops_per_token(
+      counts['non_embedding'], config.model.num_layers,
+      config.model.num_heads * dims['head_dim'], config.seq_len)
+  report = {
+      'config_name': config.name,
+      'mesh': {k: int(v) for k, v in mesh.shape.items()},
+      'devices': n_dev,
+      'device_kind': jax.devices()[0].device_kind,
+      'param_count': counts['total'], 'param_count_non_embedding': counts['non_embedding'],
+      'batch_size': config.batch_size, 'seq_len': config.seq_len, 'tokens_per_step': tokens,
+      'grad_accum_steps': config.optimizer.grad_accum_steps,
+      'dtype': config.model.dtype, 'param_dtype': config.model.param_dtype,
+      'remat': config.model.remat, 'optimizer': config.optimizer.name,
+      'memory_per_device': mem,
+      'floor': None,
+      'flops': {'model_flops_per_step_6N': per_token * tokens},
+      'collectives': {},
+      'timing_s': {'abstract_state': abstract_s},
+      'device_memory_gb': device_memory_gb,
+      'compiled': False,
+  }
+  if device_memory_gb is not None:
+    report['timing_s']['total'] = time.perf_counter() - t_start
+    check_fits(report, device_memory_gb)  # Refuses before compiling if the state can't fit.
+
+  compiled, cmem, times = _compile_step(config, mesh, rules, ts, task, config.batch_size,
+                                        config.seq_len)
+  hlo = analyze_hlo(compiled.as_text())
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  batch_bytes = shd.per_device_bytes(abstract_batch(
+      config, config.batch_size, config.seq_len, shd.named(mesh, ('batch', 'seq'), rules)))
+  cmem['state_arguments'] = cmem['argument_size_in_bytes'] - batch_bytes
+  cmem['activations_and_workspace'] = max(cmem['temp_size_in_bytes'] - mem['grads'], 0)
+  mem['compiled'] = cmem
+  mem['compiled_state_vs_analytic'] = (
+      cmem['state_arguments'] / (mem['params'] + mem['optimizer'] + mem['other_state']) - 1.0)
+  report['compiled'] = True
+  report['flops'].update({
+      'hlo_matmul_flops_per_device': hlo['dot_flops'],
+      'hlo_matmul_flops_per_step': hlo['dot_flops'] * n_dev,
+      'xla_cost_analysis_flops_per_device': float(cost.get('flops', 0.0)),
+      'loops_with_unknown_trip_count': hlo['loops_with_unknown_trip_count'],
+  })
+  report['collectives'] = hlo['collectives']
+  report['timing_s'].update(times)
+
+  if floor:
+    shards = mesh.shape['data'] * mesh.shape['fsdp'] * config.optimizer.grad_accum_steps
+    floor_seq = min(config.seq_len, max(16, mesh.shape['sequence']))
+    _, fmem, ftimes = _compile_step(config, mesh, rules, ts, task, shards, floor_seq)
+    report['floor'] = {
+        'batch_size': shards, 'seq_len': floor_seq, 'peak_bytes': fmem['peak_bytes'],
+        'memory': fmem,
+        'vs_analytic_floor': fmem['peak_bytes'] / mem['analytic_floor'] - 1.0,
+        'vs_params_grads_optimizer': fmem['peak_bytes'] / mem['params_grads_optimizer'] - 1.0,
+    }
+    report['timing_s']['floor_compile_s'] = ftimes['compile_s']
+  report['timing_s'].pop('total', None)
+  report['timing_s']['total'] = time.perf_counter() - t_start
+
+  if device_memory_gb is not None:
+    check_fits(report, device_memory_gb)
+  return report
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _mesh_str(mesh: dict[str, int]) -> str:
+  return ' x '.join(f'{k}={v}' for k, v in mesh.items() if v > 1 or k in ('data', 'fsdp', 'tensor'))
+
+
+def _gib(b: float) -> str:
+  """Bytes in GiB, or MiB/KiB for small plans (smoke configs)."""
+  for unit, scale in (('GiB', GiB), ('MiB', 1024 ** 2), ('KiB', 1024)):
+    if abs(b) >= scale or unit == 'KiB':
+      return f'{b / scale:8.2f} {unit}'
+
+
+def format_report(r: dict[str, Any]) -> str:
+  """The human-readable plan (what ``launch.plan`` prints)."""
+  m = r['memory_per_device']
+  f = r['flops']
+  lines = [
+      f"plan: {r['config_name']}  {r['param_count'] / 1e9:.2f}B params "
+      f"({r['param_count_non_embedding'] / 1e9:.2f}B non-embedding)",
+      f"mesh: {_mesh_str(r['mesh'])} = {r['devices']} devices ({r['device_kind']})",
+      f"step: batch {r['batch_size']} x seq {r['seq_len']} = {r['tokens_per_step']:,} tokens"
+      f" (grad_accum {r['grad_accum_steps']}); dtype {r['dtype']}, params {r['param_dtype']},"
+      f" remat {r['remat']}, {r['optimizer']}",
+      'memory per device (analytic, from the shardings):',
+      f"  parameters                  {_gib(m['params'])}",
+      f"  optimizer state             {_gib(m['optimizer'])}",
+      f"  gradients                   {_gib(m['grads'])}",
+      f"  = params+grads+optimizer    {_gib(m['params_grads_optimizer'])}",
+      f"  + transient                 {_gib(m['transient'])}   (max of: FSDP gather of "
+      f"{m['fsdp_largest_layer'] or '-'} x2 = {_gib(m['fsdp_gather']).strip()}; "
+      f"one gradient-sized update buffer{'; + accumulator' if r['grad_accum_steps'] > 1 else ''})",
+      f"  = state floor               {_gib(m['analytic_floor'])}",
+  ]
+  if r.get('compiled'):
+    c = m['compiled']
+    lines += [
+        'memory per device (compiled: memory_analysis()):',
+        f"  state arguments             {_gib(c['state_arguments'])}   "
+        f"(params+optimizer analytic {100 * m['compiled_state_vs_analytic']:+.2f}%)",
+        f"  temporaries                 {_gib(c['temp_size_in_bytes'])}   "
+        f"(gradients + activations + work buffers)",
+        f"  activations + workspace     {_gib(c['activations_and_workspace'])}   "
+        f"(temporaries - gradients)",
+        f"  PEAK args+out-alias+temp    {_gib(c['peak_bytes'])}",
+    ]
+    if r.get('floor'):
+      fl = r['floor']
+      lines.append(
+          f"  floor peak (batch {fl['batch_size']} x seq {fl['seq_len']}) "
+          f"{_gib(fl['peak_bytes']).strip()}: state floor {100 * fl['vs_analytic_floor']:+.1f}%,"
+          f" params+grads+optimizer {100 * fl['vs_params_grads_optimizer']:+.1f}%")
+  if r.get('device_memory_gb') is not None:
+    lines.append(f"  fits in {r['device_memory_gb']:g} GiB: {'yes' if r.get('fits') else 'NO'}")
+  if r.get('compiled'):
+    lines += [
+        'FLOPs per step:',
+        f"  HLO matmuls (loops x trip count) {f['hlo_matmul_flops_per_step']:.3e} total, "
+        f"{f['hlo_matmul_flops_per_device']:.3e} per device",
+        f"  model 6N + 12LdT (PaLM)          {f['model_flops_per_step_6N']:.3e} "
+        f"(HLO / model = {f['hlo_matmul_flops_per_step'] / max(f['model_flops_per_step_6N'], 1):.2f})",
+        f"  XLA cost_analysis per device     {f['xla_cost_analysis_flops_per_device']:.3e} "
+        f"(counts each loop body once)",
+        'collectives per step (per device):',
+    ]
+    if not r['collectives']:
+      lines.append('  none')
+    for op in COLLECTIVES:
+      v = r['collectives'].get(op)
+      if v:
+        lines.append(f"  {op:20s} {v['count']:4d} in HLO, {v['per_step']:6d} executed, "
+                     f"{_gib(v['bytes_per_step'])}")
+  t = r['timing_s']
+  lines.append('time (s): ' + ', '.join(f'{k.removesuffix("_s")} {v:.1f}' for k, v in t.items()))
+  return '\n'.join(lines)
