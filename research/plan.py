@@ -21,8 +21,9 @@ What it reports, per device (the SPMD program every device runs):
   floor: params + grads + optimizer + the transient buffers a step needs besides them
   (one layer all-gathered with its full gradient under FSDP, or one gradient-sized
   update buffer, whichever is larger; plus the accumulator with gradient
-  accumulation). Measured on CPU: within 0.5% for Llama-7B on 256 devices and a few %
-  for small FSDP/DP/TP meshes; +16% for 70B with gradient accumulation;
+  accumulation). Measured on CPU: +0.5% for Llama-7B on 256 devices, -2.1% for 7B on
+  8 with accumulation, 0 to -3% for small DP/FSDP/TP meshes, +16.7% for 70B on
+  fsdp=128 x tensor=8 with accumulation (README "Scaling");
 * FLOPs per step: matmul FLOPs counted in the optimised HLO with each loop body
   multiplied by its trip count (XLA's own ``cost_analysis()`` counts a scanned layer
   stack once; it is shown too), against the PaLM formula ``6N + 12 L d T`` per token;

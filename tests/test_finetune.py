@@ -95,7 +95,7 @@ def test_frozen_parameters_have_no_optimizer_state(mode):
   size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
   model_state, opt_state = ts.state[0], ts.state[1]
   n_head = size(model_state['head'])
-  n_lora = size(model_state.filter(nnx.LoRAParam))
+  n_lora = size(nnx.filter_state(model_state, nnx.LoRAParam))
   assert n_head == 32 * 12 + 12 and (n_lora > 0) == (mode == 'lora')
   moments = [x for x in jax.tree.leaves(opt_state) if len(x.shape) > 0]
   assert sum(math.prod(x.shape) for x in moments) == 2 * (n_head + n_lora)  # Adam mu, nu.

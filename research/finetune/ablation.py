@@ -119,8 +119,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
   return out
 
 
-def write_tables(workdir: str, plan: sweep.Plan, pretrain_s: float | None = None
-                 ) -> list[dict[str, Any]]:
+def write_tables(workdir: str, plan: sweep.Plan) -> list[dict[str, Any]]:
   rows = rows_for(plan)
   cols = [('init', 'init', ''), ('mode', 'mode', ''),
           ('trainable_params', 'trainable params', 'int'),

@@ -306,13 +306,17 @@ def source_config(run_dir: str, config: ml_collections.ConfigDict) -> ml_collect
 
   def merge(dst, src):
     for k, v in src.items():
-      if k not in dst:
+      if k not in dst or k == 'mesh':  # The mesh is this run's (set below).
         continue
       if isinstance(dst[k], ml_collections.ConfigDict) and isinstance(v, dict):
         merge(dst[k], v)
-      else:
-        dst[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v) \
-            if isinstance(v, list) else v
+        continue
+      if isinstance(v, list):
+        v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+      try:
+        dst[k] = v
+      except TypeError:  # The key changed type since that run: keep today's default.
+        logging.warning('quant.init_from: ignoring %s=%r of %s', k, v, run_dir)
   merge(out, saved)
   out.quant.mode, out.quant.init_from = 'none', ''
   out.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
@@ -353,7 +357,8 @@ def init_state_from(config: ml_collections.ConfigDict, workdir: str, train_state
   float_model, step = load_float_model(run_dir, config, mesh)
   model, optimizer = nnx.merge(train_state.graphdef, train_state.state)
   nnx.update(model, nnx.state(float_model, nnx.Param))
-  logging.info('QAT fine-tuning from %s (step %d)', run_dir, step)
+  logging.info('Starting from the weights of %s (step %d), fresh optimizer (quant.mode=%s)',
+               run_dir, step, config.quant.mode)
   return nnx.state((model, optimizer))
 
 
