@@ -14,6 +14,7 @@ it on commit), so a crash mid-save never leaves a checkpoint that looks complete
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import grain
@@ -31,6 +32,14 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings, for restoring onto a mesh."""
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def _os_error_code(e: BaseException) -> int | None:
+  """The errno behind a failed save (ENOSPC, EFBIG, EACCES...), wherever it is reported."""
+  if isinstance(e, OSError) and e.errno:
+    return e.errno
+  found = re.search(r"os_error_code='?(\d+)", str(e))
+  return int(found.group(1)) if found else None
 
 
 class Checkpointer:
@@ -62,6 +71,9 @@ class Checkpointer:
     what = 'a checkpoint save'
     reason = ' '.join(str(e).split())
     reason = ('...' + reason[-160:]) if len(reason) > 160 else (reason or type(e).__name__)
+    code = _os_error_code(e)
+    if code is not None:  # TensorStore buries the OS error deep in a long message.
+      reason = f'{os.strerror(code)}: {reason}'
     return CheckpointError(
         f'{what} in {self.directory} failed ({reason}); {kept}. Free disk space or fix '
         f'permissions, then rerun to resume, or pass another --workdir.')

@@ -164,6 +164,26 @@ def base_config() -> ml_collections.ConfigDict:
   # fine-tuning baseline); optimizer state starts fresh. Relative: to --workdir's parent.
   q.init_from = ''
 
+  # Compression (research/compress/, README "Compression"): knowledge distillation from a
+  # frozen teacher run, and pruning with masks kept in the model state.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ''  # '' (off) | a run's workdir (relative: to --workdir's parent) | HF dir.
+  c.distill.teacher_step = -1  # Teacher checkpoint step; -1: the latest.
+  c.distill.teacher_config = ''  # 'FILE[:arg]': train the teacher into distill.teacher first.
+  c.distill.alpha = 0.5  # loss = (1 - alpha) * hard CE + alpha * T^2 * KL(teacher_T || student_T).
+  c.distill.temperature = 2.0
+  c.prune = ml_collections.ConfigDict()
+  c.prune.method = 'none'  # 'none' | 'magnitude' | 'nm' (N:M, e.g. 2:4) | 'structured'
+  c.prune.sparsity = 0.5  # Final sparsity (magnitude: of each kernel; structured: of heads/neurons).
+  c.prune.initial_sparsity = 0.0  # Zhu & Gupta s_i at begin_step.
+  c.prune.begin_step = 1  # First mask update (t0).
+  c.prune.end_step = 0  # Last update (t0 + n*dt); 0: one-shot at begin_step.
+  c.prune.frequency = 10  # Steps between mask updates (dt).
+  c.prune.n = 2  # N:M: keep n of every m consecutive weights along the input dim.
+  c.prune.m = 4
+  c.prune.structure = 'both'  # structured: 'heads' | 'mlp' | 'both'.
+  c.prune.targets = r'(.*/)?(attn/(query|key|value|out)|mlp/(wi_0|wi_1|wi|wo))'  # Module paths.
+
   c.mesh = ml_collections.ConfigDict()  # See research/sharding.py and README "Scaling".
   c.mesh.data = -1  # Data parallelism. -1: all remaining devices (one axis at most).
   c.mesh.fsdp = 1  # FSDP/ZeRO-3: weights and optimizer state split on 'embed'.

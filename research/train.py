@@ -149,7 +149,7 @@ def _nonfinite_report(loss, grads):
 
 def train_step(graphdef, state, batch, *, objective: Callable, accum_steps: int,
                wrt: Any = nnx.Param, nan_policy: str = 'stop', inject_nan_at_step: int = 0,
-               inject_nan_regex: str = ''):
+               inject_nan_regex: str = '', post_update: Callable | None = None):
   """One optimizer update, with gradients accumulated over ``accum_steps`` micro-batches.
 
   Each micro-batch's mean loss is weighted by its share of the batch's real tokens, so
@@ -189,6 +189,8 @@ def train_step(graphdef, state, batch, *, objective: Callable, accum_steps: int,
   finite, nonfinite = _nonfinite_report(loss, grads)
   nnx.update(model, rest)
   optimizer.update(model, grads)
+  if post_update is not None:  # E.g. pruning masks (research/compress/prune.py).
+    post_update(model, optimizer.step[...])
   new_state = nnx.state((model, optimizer))
   if nan_policy == 'skip':
     # Keep the old params/optimizer moments, but let the step counter advance so it
@@ -317,6 +319,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if config.finetune.init_from:  # Fine-tuning: architecture + tokenizer of the source.
     from research.finetune import init as finetune_init
     finetune_init.prepare(config, workdir)
+  if config.distill.teacher:  # Distillation: resolve (and maybe train) the teacher.
+    from research.compress import distill
+    distill.prepare(config, workdir)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
   mesh = shd.mesh_from_config(config.mesh)
@@ -366,6 +371,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   elif config.task != 'lm' or config.finetune.init_from or config.finetune.mode != 'full':
     from research.finetune import init as finetune_init  # Load the backbone, report.
     ts.state = finetune_init.initialize(config, ts, task, workdir)
+  if latest is None and task.initialize is not None:  # E.g. load a distillation teacher.
+    ts.state = task.initialize(ts, workdir)
 
   corpus = sources.corpus_info(config.data)
   if is_main:
@@ -384,7 +391,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                         accum_steps=config.optimizer.grad_accum_steps, wrt=task.trainable,
                         nan_policy=config.nan_policy,
                         inject_nan_at_step=config.debug.inject_nan_at_step,
-                        inject_nan_regex=config.debug.inject_nan_regex),
+                        inject_nan_regex=config.debug.inject_nan_regex,
+                        post_update=task.post_update),
       in_shardings=(ts.shardings, batch_sharding), out_shardings=(ts.shardings, None),
       donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, ts.graphdef, objective=task.objective),
@@ -487,6 +495,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       'peak_tokens_per_sec': peak_tps, 'peak_mfu': peak_mfu,
       'resumed_from_step': start_step, 'skipped_steps': skipped_steps,
   }
+  if task.at_end is not None:  # E.g. the per-layer sparsity report.
+    summary.update(task.at_end(ts, workdir, is_main) or {})
   if is_main:
     write_json(os.path.join(workdir, 'summary.json'), summary)
   writer.close()

@@ -54,17 +54,19 @@ def _params(state) -> dict[str, np.ndarray]:
 
 
 def test_restore_onto_another_mesh_and_any_step(pretrained, tmp_path):
-  from research.finetune.export import load_run_model
-  src_model, src_cfg, step = load_run_model(pretrained)  # On the 2x2x2 mesh it was saved on.
-  assert step == 4 and src_cfg.mesh.tensor == 2
-  src = _params(nnx.state(src_model))
+  src_cfg = smoke_config(**FT, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
+  src_ts, _, _ = _state_for(src_cfg, abstract=True)  # The mesh it was saved on.
+  src, _ = ft_init.restore_from_checkpoint(pretrained, -1, src_ts.state[0])
+  assert src['embed/embedding'].sharding.mesh.shape['tensor'] == 2
+  src = {p: np.asarray(a) for p, a in src.items()}
   c = smoke_config(**FT, **{'finetune.init_from': pretrained, 'mesh.data': 4, 'mesh.fsdp': 2})
   ts, task, mesh = _state_for(c)
   state = ft_init.initialize(c, ts, task, str(tmp_path))
   got = _params(state[0])
   report = json.load(open(tmp_path / ft_init.REPORT))
   assert report['step'] == 4 and report['kind'] == 'checkpoint'
-  assert set(report['loaded']) == set(src) and report['ignored'] == []
+  assert set(report['loaded']) == set(src) == set(got) - {'head/kernel', 'head/bias'}
+  assert report['ignored'] == []
   assert set(report['created']) == {'head/kernel', 'head/bias'}
   for p in src:
     np.testing.assert_array_equal(got[p], src[p], err_msg=p)
@@ -143,8 +145,9 @@ def test_classifier_pooling_ignores_padding(causal, pooling):
   x = jnp.asarray(np.random.RandomState(0).randint(3, 259, size=(1, 10)), jnp.int32)
   padded = jnp.concatenate([x, jnp.zeros((1, 6), jnp.int32)], 1)
   mask = jnp.concatenate([jnp.ones((1, 10)), jnp.zeros((1, 6))], 1)
-  a = model(x)
-  b = model(padded, mask_BL=mask)
+  call = nnx.jit(lambda m, t, k: m(t, mask_BL=k))
+  a = call(model, x, jnp.ones(x.shape))
+  b = call(model, padded, mask)
   np.testing.assert_allclose(a, b, atol=1e-5)
   assert a.shape == (1, 5) and a.dtype == jnp.float32
   # Bidirectional: the first position sees the last token; causal: it does not.
@@ -198,12 +201,22 @@ def test_sft_lora_run_from_pretrained(pretrained, tmp_path):
   from research.models import lora
   out = str(tmp_path / 'merged')
   assert export(wd, out)['merged_lora_modules'] == 7
-  adapted, _, _ = load_run_model(wd)
-  merged, merged_cfg, _ = load_run_model(out)
-  assert merged_cfg.finetune.mode == 'full' and not lora.lora_modules(merged)
+  adapted, cfg, _ = load_run_model(wd)
   assert any(np.abs(np.asarray(m.lora_b[...])).max() > 0 for _, m in lora.lora_modules(adapted))
+  forward = nnx.jit(lambda m, x: m(x))
   x = jnp.asarray(np.random.RandomState(0).randint(3, 259, size=(2, 16)), jnp.int32)
-  np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(adapted(x)), atol=1e-5)
+  want = np.asarray(forward(adapted, x))
+  saved = json.load(open(os.path.join(out, 'config.json')))['config']
+  assert saved['finetune']['mode'] == 'full'
+  plain = smoke_config(**{**FT, 'task': 'sft', 'seq_len': 64})
+  ts, _, _ = _state_for(plain, abstract=True)  # The un-adapted architecture.
+  arrays, _ = ft_init.restore_from_checkpoint(out, -1, ts.state[0])
+  assert set(arrays) == set(ft_init._flat_params(ts.state[0]))
+  assert not any('lora' in p for p in arrays)
+  merged = lora.merge_lora(adapted)
+  for p, a in arrays.items():
+    np.testing.assert_array_equal(np.asarray(a), _params(nnx.state(merged))[p], err_msg=p)
+  np.testing.assert_allclose(np.asarray(forward(merged, x)), want, atol=1e-5)
 
 
 def test_continued_lm_on_a_new_domain(pretrained, tmp_path):

@@ -46,8 +46,9 @@ def _compare(hf_model, path, scan):
   tokens = np.random.RandomState(0).randint(0, VOCAB, size=(2, 23))
   with torch.no_grad():
     ref = hf_model(torch.tensor(tokens)).logits.float().numpy()
+  from flax import nnx
   model, cfg = hf_import.load_model(path, scan_layers=scan)
-  ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+  ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(tokens, jnp.int32)))
   assert ours.shape == ref.shape
   assert np.abs(ref).max() > 0.5  # Logits of a useful size, not all ~0.
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
@@ -93,14 +94,14 @@ def test_unsupported_checkpoints_are_clear_errors(tmp_path):
 
 def test_finetune_classifier_from_hf_llama(tmp_path):
   """An HF directory as finetune.init_from: architecture from config.json, backbone
-  loaded, lm_head ignored, a new head created; LoRA trains."""
+  loaded, lm_head ignored, a new head created and trained (linear probe)."""
   from research.train import train
   from tests.helpers import smoke_config
   path = str(tmp_path / 'llama')
   _llama(path)
   wd = str(tmp_path / 'ft')
   c = smoke_config(**{'task': 'classification', 'finetune.init_from': path,
-                      'finetune.mode': 'lora', 'finetune.lora_rank': 4, 'steps': 2,
+                      'finetune.mode': 'linear_probe', 'steps': 2,
                       'eval_every': 2, 'eval_steps': 1, 'checkpoint_every': 2,
                       'data.eval_fraction': 0.2, 'finetune.max_train_per_class': 20,
                       'finetune.max_eval_per_class': 4, 'num_samples': 0})
@@ -110,7 +111,7 @@ def test_finetune_classifier_from_hf_llama(tmp_path):
   assert 'unembed/kernel' in report['ignored']
   assert 'blocks/attn/query/kernel' in report['loaded']
   assert {'head/kernel', 'head/bias'} <= set(report['created'])
-  assert report['trainable_params'] == report['lora_params'] + 64 * 12 + 12
+  assert report['trainable_params'] == 64 * 12 + 12 and report['lora_params'] == 0
   saved = json.load(open(os.path.join(wd, 'config.json')))['config']['model']
   assert (saved['d_model'], saved['num_kv_heads'], saved['vocab_size']) == (64, 2, VOCAB)
 

@@ -45,6 +45,12 @@ class Task:
   finalize_eval: Callable[[dict[str, Any]], dict[str, Any]] = mean_over_weight
   decode_samples: bool = False
   trainable: Any = nnx.Param  # nnx filter of what the optimizer updates.
+  # Optional hooks (research/compress): post_update(model, step) runs inside the jitted
+  # step after the optimizer update; initialize(ts, workdir) -> state on a fresh start;
+  # at_end(ts, workdir, is_main) -> dict merged into summary.json.
+  post_update: Callable | None = None
+  initialize: Callable | None = None
+  at_end: Callable | None = None
 
 
 _REGISTRY = {'lm': 'research.tasks.lm',
@@ -57,7 +63,8 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     raise ConfigError(f'task={config.task!r} is unknown; use one of {sorted(_REGISTRY)}.')
   task = importlib.import_module(_REGISTRY[config.task]).make_task(config)
   from research.finetune import adapt_task  # LoRA / frozen backbone (finetune.mode).
-  return adapt_task(task, config)
+  from research.compress import adapt_task as compress_task  # distill.* / prune.*
+  return compress_task(adapt_task(task, config), config)
 
 
 def register(name: str, module: str) -> None:
