@@ -145,6 +145,20 @@ def test_model_bytes_count_packed_integers_and_scales():
   assert ints['total'] < float_bytes['total'] / 2
 
 
+@pytest.mark.parametrize('act_bits,int_dots', [(8, 7), (0, 0)])
+def test_int8_export_runs_integer_matmuls(act_bits, int_dots):
+  """W8A8 integers: the 7 projections are s8 x s8 -> s32 dots in the compiled program
+  (the CPU backend has them); weight-only int8 dequantizes into float dots."""
+  import re
+  c = smoke_config(**{'quant.mode': 'ptq', 'quant.init_from': 'x', 'quant.weight_bits': 8,
+                      'quant.act_bits': act_bits})
+  graphdef, state = nnx.split(quant.quantize_to_integers(_model(c), c))
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  hlo = forward.lower(state, jnp.zeros((2, 16), jnp.int32)).compile().as_text()
+  assert len(re.findall(r'= s32\[[^\]]*\]\{[^}]*\} dot\(', hlo)) == int_dots
+  assert re.search(r'= f32\[[^\]]*\]\{[^}]*\} dot\(', hlo)  # Attention, head: float.
+
+
 def test_quant_config_errors_are_one_line():
   for kw, needle in [(dict(weight_bits=3), 'quant.weight_bits=3'),
                      (dict(act_bits=16), 'quant.act_bits=16'),
