@@ -34,6 +34,19 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def resolve_run_dir(path: str, workdir: str) -> str:
+  """A run directory named in a config (``quant.init_from``, ``distill.teacher``) as an
+  absolute path: ``~`` expanded, relative paths taken from ``workdir``'s parent (sweep
+  siblings), a trailing ``checkpoints`` dropped."""
+  path = os.path.expanduser(path)
+  if not os.path.isabs(path):
+    path = os.path.join(os.path.dirname(os.path.abspath(workdir)), path)
+  path = os.path.abspath(path)
+  if os.path.basename(path) == 'checkpoints':
+    path = os.path.dirname(path)
+  return path
+
+
 def _os_error_code(e: BaseException) -> int | None:
   """The errno behind a failed save (ENOSPC, EFBIG, EACCES...), wherever it is reported."""
   if isinstance(e, OSError) and e.errno:

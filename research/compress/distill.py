@@ -116,13 +116,8 @@ def make_objective(task, config: ml_collections.ConfigDict) -> Callable:
 
 def resolve_teacher(path: str, workdir: str) -> str:
   """``distill.teacher`` -> an absolute directory (relative: to workdir's parent)."""
-  path = os.path.expanduser(path)
-  if not os.path.isabs(path):
-    path = os.path.join(os.path.dirname(os.path.abspath(workdir)), path)
-  path = os.path.abspath(path)
-  if os.path.basename(path) == 'checkpoints':
-    path = os.path.dirname(path)
-  return path
+  from research.checkpoint import resolve_run_dir
+  return resolve_run_dir(path, workdir)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:

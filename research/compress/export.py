@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from flax import nnx
 
 from research.compress import prune
@@ -215,21 +214,6 @@ def export(workdir: str, out: str, step: int = -1) -> dict[str, Any]:
   return summary
 
 
-def main() -> None:
-  workdir = flags.DEFINE_string('workdir', None, 'The structured pruning run.')
-  out = flags.DEFINE_string('out', None, 'Output directory.')
-  step = flags.DEFINE_integer('step', -1, 'Checkpoint step (-1: latest).')
-
-  def _main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    if not workdir.value or not out.value:
-      print('error: --workdir and --out are required.', file=sys.stderr)
-      sys.exit(1)
-    print(json.dumps(export(workdir.value, out.value, step.value)))
-
-  app.run(_main)
-
-
 if __name__ == '__main__':
-  main()
+  from research.finetune.export import export_cli
+  export_cli(export, 'structured pruning run')

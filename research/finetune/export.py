@@ -102,9 +102,10 @@ def export(workdir: str, out: str, step: int = -1) -> dict[str, Any]:
   return summary
 
 
-def main() -> None:
-  """The command line (flags are defined here, so importing this module defines none)."""
-  workdir = flags.DEFINE_string('workdir', None, 'The fine-tuning run to export.')
+def export_cli(export_fn, what: str) -> None:
+  """``--workdir RUN --out DIR [--step N]`` -> ``export_fn(workdir, out, step)``; prints
+  its summary as JSON. Flags are defined here, so importing a module defines none."""
+  workdir = flags.DEFINE_string('workdir', None, f'The {what} to export.')
   out = flags.DEFINE_string('out', None, 'Output directory.')
   step = flags.DEFINE_integer('step', -1, 'Checkpoint step (-1: latest).')
 
@@ -114,10 +115,10 @@ def main() -> None:
     if not workdir.value or not out.value:
       print('error: --workdir and --out are required.', file=sys.stderr)
       sys.exit(1)
-    print(json.dumps(export(workdir.value, out.value, step.value)))
+    print(json.dumps(export_fn(workdir.value, out.value, step.value)))
 
   app.run(_main)
 
 
 if __name__ == '__main__':
-  main()
+  export_cli(export, 'fine-tuning run')

@@ -277,12 +277,8 @@ def model_bytes(state: nnx.State, q: ml_collections.ConfigDict | None = None) ->
 
 def resolve_source(path: str, workdir: str) -> str:
   """``quant.init_from`` -> an absolute run directory (relative: to workdir's parent)."""
-  if not os.path.isabs(path):
-    path = os.path.join(os.path.dirname(os.path.abspath(workdir)), path)
-  path = os.path.abspath(path)
-  if os.path.basename(path) == 'checkpoints':
-    path = os.path.dirname(path)
-  return path
+  from research.checkpoint import resolve_run_dir
+  return resolve_run_dir(path, workdir)
 
 
 def _has_checkpoint(run_dir: str) -> bool:
