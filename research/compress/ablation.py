@@ -27,7 +27,6 @@ float embeddings). Exit code 1 if a run failed (the table is still written).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -41,16 +40,13 @@ TABLE = 'compress_results.md'
 DENSE_FT = 'baseline-ft'  # Same extra steps as the pruned runs, no pruning.
 
 
+def _read_json(path: str) -> dict[str, Any]:
+  from research.sweep import read_json
+  return read_json(path) or {}
+
+
 def _log(msg: str) -> None:
   print(f'[compress] {msg}', flush=True)
-
-
-def _read(path: str) -> dict[str, Any]:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
 
 
 def plan(workdir: str, smoke: bool, pretrain_steps: int, student_steps: int,
@@ -173,14 +169,14 @@ def rows(workdir: str, runs, status: dict[str, str]) -> list[dict[str, Any]]:
     row = {'name': name, 'status': status.get(name, 'missing'), 'loss': None,
            'params': None, 'bytes': None, 'notes': ''}
     if kind == 'ptq':
-      q = _read(os.path.join(d, quant.SUMMARY))
+      q = _read_json(os.path.join(d, quant.SUMMARY))
       row.update(method=f'PTQ int{config.quant.weight_bits} weight-only '
                  f'({config.quant.granularity})', loss=q.get('eval_loss'),
                  bytes=(q.get('model_bytes') or {}).get('total'))
       row['params'] = _dense_bytes(config)['params']
       out.append(row)
       continue
-    s = _read(os.path.join(d, 'summary.json'))
+    s = _read_json(os.path.join(d, 'summary.json'))
     row['loss'] = s.get('final_eval_loss')
     dense = _dense_bytes(config)
     row['params'], row['bytes'] = dense['params'], dense['bytes']
@@ -195,7 +191,7 @@ def rows(workdir: str, runs, status: dict[str, str]) -> list[dict[str, Any]]:
       row['method'] = (f'student {arch}, ' + ('from scratch' if a == 0 else
                        f'distilled alpha={a} T={config.distill.temperature}'))
     else:
-      sp = _read(os.path.join(d, 'sparsity.json'))
+      sp = _read_json(os.path.join(d, 'sparsity.json'))
       p = config.prune
       label = {'magnitude': f'magnitude {p.sparsity:g} (cubic, gradual)',
                'nm': f'{p.n}:{p.m} semi-structured',
@@ -206,7 +202,7 @@ def rows(workdir: str, runs, status: dict[str, str]) -> list[dict[str, Any]]:
         row['bytes'] = sp['effective_bytes']
         row['notes'] = f'kernels {100 * sp["sparsity"]:.1f}% zero'
       if p.method == 'structured':
-        ex = _read(os.path.join(d, 'export', 'eval.json'))
+        ex = _read_json(os.path.join(d, 'export', 'eval.json'))
         if ex:
           row['bytes'], row['params'] = ex['bytes'], ex['params']
           ev = (ex.get('eval') or {}).get('loss')

@@ -15,7 +15,6 @@ DIR is a run of its own (``config.json``, ``checkpoints/<step>/`` with the model
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -182,7 +181,7 @@ def max_logit_diff(big: nnx.Module, small: nnx.Module, config, seed: int = 0) ->
 
 def export(workdir: str, out: str, step: int = -1) -> dict[str, Any]:
   """Writes the smaller model of the structured pruning run ``workdir`` to ``out``."""
-  from research import checkpoint as ckpt_lib
+  from research.finetune.export import write_run
   model, config, step = load_pruned_model(workdir, step)
   if config.prune.method != 'structured':
     raise ConfigError(f'{workdir}: prune.method={config.prune.method!r}; only '
@@ -191,23 +190,13 @@ def export(workdir: str, out: str, step: int = -1) -> dict[str, Any]:
   small, cfg, kept = shrink(model, config)
   diff = max_logit_diff(model, small, config)
   dense, exported = param_bytes(model), param_bytes(small)
-  os.makedirs(out, exist_ok=True)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(out, 'checkpoints'), async_save=False)
-  ckpt.save(step, nnx.state((small,)), {'step': step, 'tokens_seen': 0,
-                                         'exported_from': os.path.abspath(workdir)})
-  ckpt.close()
   summary = {'exported_from': os.path.abspath(workdir), 'step': step,
              'num_heads': cfg.model.num_heads, 'num_kv_heads': cfg.model.num_kv_heads,
              'head_dim': cfg.model.head_dim, 'mlp_dim': cfg.model.mlp_dim,
              'dense_params': dense['params'], 'dense_bytes': dense['bytes'],
              'params': exported['params'], 'bytes': exported['bytes'],
              'max_abs_logit_diff': diff}
-  if jax.process_index() == 0:
-    with open(os.path.join(out, 'config.json'), 'w') as f:
-      json.dump({'config': cfg.to_dict(), 'exported_from': os.path.abspath(workdir)}, f,
-                indent=2, default=str)
-    with open(os.path.join(out, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+  write_run(out, workdir, cfg, step, small, summary)
   logging.info('structured export %s -> %s: heads %d, mlp_dim %d, %s -> %s bytes, max '
                '|logit diff| %.2e', workdir, out, cfg.model.num_heads, cfg.model.mlp_dim,
                f'{dense["bytes"]:,}', f'{exported["bytes"]:,}', diff)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import subprocess
 import sys
@@ -61,11 +60,7 @@ def _last_eval(workdir: str) -> dict[str, Any]:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
+  return sweep.read_json(path) or {}
 
 
 def rows_for(plan: sweep.Plan) -> list[dict[str, Any]]:

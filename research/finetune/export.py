@@ -73,14 +73,12 @@ def load_run_model(workdir: str, step: int = -1):
   return model, config, report['step']
 
 
-def export(workdir: str, out: str, step: int = -1) -> dict[str, Any]:
-  """Writes the merged model of ``workdir`` to ``out``; returns a small summary."""
+def write_run(out: str, workdir: str, config, step: int, model: nnx.Module,
+              summary: dict[str, Any]) -> None:
+  """Writes ``model`` as a run directory that ``load_run_model`` and
+  ``finetune.init_from`` read: ``checkpoints/`` (model parameters only), the source's
+  ``tokenizer/`` (a SentencePiece model), ``config.json`` and ``summary.json``."""
   from research import checkpoint as ckpt_lib
-  from research.models import lora
-  model, config, step = load_run_model(workdir, step)
-  adapters = len(lora.lora_modules(model))
-  lora.merge_lora(model)
-  config.finetune.mode = 'full'
   os.makedirs(out, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(os.path.join(out, 'checkpoints'), async_save=False)
   ckpt.save(step, nnx.state((model,)), {'step': step, 'tokens_seen': 0,
@@ -89,14 +87,24 @@ def export(workdir: str, out: str, step: int = -1) -> dict[str, Any]:
   spm = os.path.join(workdir, 'tokenizer')
   if os.path.isdir(spm):
     shutil.copytree(spm, os.path.join(out, 'tokenizer'), dirs_exist_ok=True)
-  summary = {'exported_from': os.path.abspath(workdir), 'step': step,
-             'merged_lora_modules': adapters}
   if jax.process_index() == 0:
     with open(os.path.join(out, 'config.json'), 'w') as f:
       json.dump({'config': config.to_dict(), 'exported_from': os.path.abspath(workdir)}, f,
                 indent=2, default=str)
     with open(os.path.join(out, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
+
+
+def export(workdir: str, out: str, step: int = -1) -> dict[str, Any]:
+  """Writes the merged model of ``workdir`` to ``out``; returns a small summary."""
+  from research.models import lora
+  model, config, step = load_run_model(workdir, step)
+  adapters = len(lora.lora_modules(model))
+  lora.merge_lora(model)
+  config.finetune.mode = 'full'
+  summary = {'exported_from': os.path.abspath(workdir), 'step': step,
+             'merged_lora_modules': adapters}
+  write_run(out, workdir, config, step, model, summary)
   logging.info('exported %s step %d to %s (%d LoRA modules merged)', workdir, step, out,
                adapters)
   return summary

@@ -12,7 +12,6 @@ length.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -70,14 +69,6 @@ def run_ablation(config_arg: str, workdir: str, *, parallel: int = 1,
   return text
 
 
-def _read(path: str) -> dict[str, Any] | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def _pct(x: float | None, ref: float | None) -> str:
   if x is None or ref is None:
     return ''
@@ -88,7 +79,7 @@ def table_rows(workdir: str, plan: sweep_lib.Plan, configs) -> list[dict[str, An
   """One dict per run with a quant_summary.json (loss, reference, bytes...)."""
   rows = []
   for r in plan.runs:
-    s = _read(os.path.join(r.workdir, quant.SUMMARY))
+    s = sweep_lib.read_json(os.path.join(r.workdir, quant.SUMMARY))
     if not s:
       continue
     c = configs[r.name]
