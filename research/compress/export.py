@@ -50,33 +50,12 @@ def param_bytes(model: nnx.Module) -> dict[str, int]:
 
 
 def load_pruned_model(workdir: str, step: int = -1):
-  """(model with masks, config, step) of a pruning run (teacher left out)."""
-  from research import sharding as shd
-  from research.finetune import init as ft_init
-  from research.finetune.export import _run_config
-  from research.tasks import make_task
-  from research.train import create_train_state
-  config = _run_config(workdir)
-  config.distill.teacher, config.distill.teacher_config = '', ''
-  config.finetune.init_from, config.finetune.pretrain_config = '', ''
-  config.quant.init_from = ''
+  """(model with its restored masks, config, step) of a pruning run."""
+  from research.finetune.export import load_run_model
+  model, config, step = load_run_model(workdir, step, variables=(nnx.Param, prune.PruneMask))
   if config.prune.method == 'none':
     raise ConfigError(f'{workdir} is not a pruning run (prune.method=none).')
-  mesh = shd.mesh_from_config(config.mesh)
-  task = make_task(config)
-  ts = create_train_state(config, mesh, task.build_model, wrt=task.trainable)
-  flat = list(nnx.to_flat_state(ts.state[0]))
-  keep = [(p, v) for p, v in flat if isinstance(v, (nnx.Param, prune.PruneMask))]
-  view = nnx.from_flat_state([(p, nnx.Param(v.get_value())) for p, v in keep])
-  arrays, report = ft_init.restore_from_checkpoint(workdir, step, view)
-  missing = sorted({prune._path(p) for p, _ in keep} - set(arrays))
-  if missing:
-    raise ConfigError(f'{workdir} step {report["step"]} lacks {missing[:5]}.')
-  model, _ = nnx.merge(ts.graphdef, ts.state)
-  new = [(p, v.replace(arrays[prune._path(p)]) if prune._path(p) in arrays else v)
-         for p, v in nnx.to_flat_state(nnx.state(model))]
-  nnx.update(model, nnx.from_flat_state(new))
-  return model, config, report['step']
+  return model, config, step
 
 
 def _kept(model: nnx.Module) -> dict[str, list[np.ndarray]]:

@@ -46,12 +46,14 @@ def _merge_dict(config: ml_collections.ConfigDict, values: dict[str, Any]) -> No
           if isinstance(v, list) else v
 
 
-def load_run_model(workdir: str, step: int = -1):
+def load_run_model(workdir: str, step: int = -1, variables: Any = nnx.Param):
   """(model, config, step): the model of a run (or an export) with its saved weights.
 
-  Built as the run built it (LoRA modules included for a LoRA run) and filled by the
-  partial restore of research/finetune/init.py; every parameter must be in the
-  checkpoint.
+  Built as the run built it (LoRA modules included for a LoRA run; a distillation
+  teacher left out: it is not part of the run's model) and filled by the partial
+  restore of research/finetune/init.py. ``variables`` (a type or tuple of types) are
+  the model state restored from the checkpoint, e.g. ``(nnx.Param, PruneMask)``; every
+  one of them must be in it.
   """
   from research import sharding as shd
   from research.finetune import init as ft_init
@@ -59,11 +61,14 @@ def load_run_model(workdir: str, step: int = -1):
   from research.train import create_train_state
   config = _run_config(workdir)
   config.finetune.init_from = ''
+  config.distill.teacher, config.distill.teacher_config = '', ''
   mesh = shd.mesh_from_config(config.mesh)
   task = make_task(config)
   ts = create_train_state(config, mesh, task.build_model, wrt=task.trainable)
-  arrays, report = ft_init.restore_from_checkpoint(workdir, step, ts.state[0])
-  missing = sorted(set(ft_init._flat_params(ts.state[0])) - set(arrays))
+  wanted = [(p, v) for p, v in nnx.to_flat_state(ts.state[0]) if isinstance(v, variables)]
+  view = nnx.from_flat_state([(p, nnx.Param(v.get_value())) for p, v in wanted])
+  arrays, report = ft_init.restore_from_checkpoint(workdir, step, view)
+  missing = sorted({'/'.join(map(str, p)) for p, _ in wanted} - set(arrays))
   if missing:
     raise ValueError(f'{workdir} step {report["step"]} lacks parameters {missing[:5]}.')
   model, _ = nnx.merge(ts.graphdef, ts.state)
