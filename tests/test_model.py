@@ -117,6 +117,20 @@ def test_scan_and_loop_give_same_logits():
   np.testing.assert_allclose(forward(scanned, x), forward(listed, x), atol=1e-5)
 
 
+def test_scan_layers_does_not_change_the_init():
+  """Layer i of the looped model is slice i of the scanned one, for the same seed."""
+  scanned = params_by_path(build(seed=3, scan_layers=True))
+  listed = params_by_path(build(seed=3, scan_layers=False))
+  per_layer = sum(p.startswith('blocks/') for p in scanned)
+  assert len(listed) == len(scanned) + per_layer  # Two layers: each path twice.
+  for path, v in listed.items():
+    if path.startswith('blocks/'):
+      _, i, rest = path.split('/', 2)
+      np.testing.assert_array_equal(v[...], scanned[f'blocks/{rest}'][...][int(i)])
+    else:
+      np.testing.assert_array_equal(v[...], scanned[path][...])
+
+
 @nnx.jit
 def _value_and_grad(model, x):
   def loss_fn(model):

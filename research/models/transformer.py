@@ -204,6 +204,23 @@ class Block(nnx.Module):
     return x_BLD, kv_cache
 
 
+def _unstack_blocks(cfg: ml_collections.ConfigDict, stacked: Block) -> nnx.List:
+  """Per-layer Blocks holding the slices of the scanned init.
+
+  So ``scan_layers`` changes how the model runs, never which model it is: the same
+  seed gives the same initial weights (and the same losses) either way.
+  """
+  values = nnx.to_pure_dict(nnx.state(stacked))
+  blocks = []
+  for i in range(cfg.num_layers):
+    block = nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(block)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a, i=i: a[i], values))
+    nnx.update(block, state)
+    blocks.append(block)
+  return nnx.List(blocks)
+
+
 class Transformer(nnx.Module):
   """Token ids -> logits. ``cfg`` is the config's ``model`` section (vocab resolved).
 
@@ -246,15 +263,14 @@ class Transformer(nnx.Module):
     self.embed = layers.token_embedding(padded_vocab, cfg.d_model, **common)
     if cfg.positions == 'learned':
       self.pos_embed = layers.position_embedding(cfg.max_seq_len, cfg.d_model, **common)
-    if cfg.scan_layers:
-      @nnx.split_rngs(splits=cfg.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0,
-                transform_metadata={nnx.PARTITION_NAME: 'layers'})
-      def create_blocks(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs=rngs)
-      self.blocks = create_blocks(rngs)
-    else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def create_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = create_blocks(rngs)
+    if not cfg.scan_layers:
+      self.blocks = _unstack_blocks(cfg, self.blocks)
     self.final_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps,
                                        dtype=self.dtype, param_dtype=param_dtype)
     if not cfg.tie_embeddings:
