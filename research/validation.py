@@ -88,6 +88,10 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
   if cs < 0 or (cs and config.seq_len % cs):
     raise ConfigError(f'loss.chunk_size={cs} must be 0 (off) or divide seq_len={config.seq_len}.')
   validate_model_config(config.model, config.seq_len)
+  if config.quant.mode == 'qat' and config.model.projection_vjp != 'autodiff':
+    raise ConfigError(
+        f"model.projection_vjp={config.model.projection_vjp!r} bypasses qwix's QAT "
+        f"backward (quant.mode='qat'); use model.projection_vjp='autodiff'.")
   validate_mesh_config(config.mesh)
   validate_optimizer_config(config.optimizer)
   if workdir is not None:

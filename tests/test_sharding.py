@@ -206,6 +206,18 @@ def test_checkpoint_from_one_mesh_resumes_on_another(runs, tmp_path):
   assert diff <= ATOL, diff
 
 
+def test_transpose_input_projections_train_the_same_under_fsdp_and_tp(runs, tmp_path):
+  """model.projection_vjp='transpose_input' (its hand-written backward transposes
+  sharded activations) under (2,2,2) gives the DP autodiff run's losses."""
+  from research.train import train
+  wd = str(tmp_path / 'transpose_input')
+  train(_config(MESHES['dp2_fsdp2_tp2'], **{'model.projection_vjp': 'transpose_input'}), wd)
+  ref, got = _losses(runs['dp']), _losses(wd)
+  assert sorted(got) == sorted(ref)
+  diff = max(abs(got[s] - ref[s]) for s in ref)
+  assert diff <= ATOL, diff
+
+
 @pytest.mark.parametrize('overrides, needles', [
     ({'mesh.data': 3}, ['mesh: data*fsdp*tensor = 3*1*1 = 3', '8 devices']),
     ({'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 4}, ['= 16', '8 devices']),

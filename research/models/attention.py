@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.models import projection
 from research.models.layers import normal_init
 from research.sharding import constrain
 
@@ -49,13 +50,16 @@ class Attention(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                causal: bool, use_rope: bool, implementation: str, init_std: float,
                out_init_std: float, dtype, param_dtype, rngs: nnx.Rngs,
-               use_bias: bool = False):
+               use_bias: bool = False, projection_vjp: str = 'autodiff'):
+    _, einsum_kwargs = projection.module_kwargs(projection_vjp)
+
     def proj(eq, shape, std, names):
       n_out = len(eq.split('->')[1]) - 2  # Output feature axes (after B, L).
       bias = dict(bias_shape=shape[-n_out:], bias_init=nnx.with_partitioning(
           jax.nn.initializers.zeros, names[-n_out:])) if use_bias else {}
       return nnx.Einsum(eq, shape, dtype=dtype, param_dtype=param_dtype,
-                        kernel_init=normal_init(std, names), rngs=rngs, **bias)
+                        kernel_init=normal_init(std, names), rngs=rngs, **bias,
+                        **einsum_kwargs)
 
     self.query = proj('BLD,DNH->BLNH', (d_model, num_heads, head_dim), init_std,
                       ('embed', 'heads', 'kv'))

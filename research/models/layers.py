@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.models import projection
 from research.sharding import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -95,12 +96,14 @@ class MLP(nnx.Module):
 
   def __init__(self, d_model: int, mlp_dim: int, *, kind: str, init_std: float,
                out_init_std: float, dtype, param_dtype, rngs: nnx.Rngs,
-               use_bias: bool = False):
+               use_bias: bool = False, projection_vjp: str = 'autodiff'):
+    linear_kwargs, _ = projection.module_kwargs(projection_vjp)
+
     def dense(din, dout, std, names):
       return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                         kernel_init=normal_init(std, names),
                         bias_init=nnx.with_partitioning(jax.nn.initializers.zeros, names[1:]),
-                        rngs=rngs)
+                        rngs=rngs, **linear_kwargs)
 
     self.kind = kind
     if kind == 'swiglu':

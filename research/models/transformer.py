@@ -40,7 +40,7 @@ from flax import nnx
 from flax.core import spmd
 
 from research.config import ConfigError
-from research.models import layers
+from research.models import layers, projection
 from research.models.attention import Attention, rope_angles
 from research.sharding import constrain
 
@@ -100,6 +100,7 @@ def validate_model_config(cfg: ml_collections.ConfigDict, seq_len: int | None = 
   """Raises :class:`ConfigError` (one line naming the key and the fix); builds nothing."""
   for key, allowed in (('mlp_kind', MLP_KINDS), ('norm', NORMS), ('positions', POSITIONS),
                        ('remat', tuple(REMAT_POLICIES)), ('attention_impl', ATTENTION_IMPLS),
+                       ('projection_vjp', projection.PROJECTION_VJPS),
                        ('dtype', DTYPE_NAMES), ('param_dtype', DTYPE_NAMES)):
     if cfg[key] not in allowed:
       raise ConfigError(
@@ -181,11 +182,13 @@ class Block(nnx.Module):
         cfg.d_model, cfg.num_heads, dims['num_kv_heads'], dims['head_dim'],
         causal=cfg.causal, use_rope=cfg.positions == 'rope',
         implementation=cfg.attention_impl, init_std=cfg.init_std, out_init_std=out_std,
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=cfg.use_bias)
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=cfg.use_bias,
+        projection_vjp=cfg.projection_vjp)
     self.mlp_norm = norm()
     self.mlp = layers.MLP(cfg.d_model, dims['mlp_dim'], kind=cfg.mlp_kind,
                           init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs, use_bias=cfg.use_bias)
+                          param_dtype=param_dtype, rngs=rngs, use_bias=cfg.use_bias,
+                          projection_vjp=cfg.projection_vjp)
     self.dropout_rate = float(cfg.dropout)
 
   def __call__(self, x_BLD: jax.Array, *, rope=None, mask_BL=None, kv_cache=None,

@@ -63,6 +63,7 @@ from qwix._src.core import qarray as _qarray
 from qwix._src.utils import flax_util as _flax_util
 
 from research.config import ConfigError, base_config, validate_quant_config
+from research.models import projection
 
 BITS_TO_QTYPE = {8: 'int8', 4: 'int4', 2: 'int2'}
 EXPORT_DIR = 'export'
@@ -195,6 +196,7 @@ def quantize_to_integers(model: nnx.Module, config: ml_collections.ConfigDict) -
   if config.quant.mode == 'none':
     return model
   check_model(config)
+  projection.use_autodiff(model)  # qwix cannot intercept inside the custom VJP.
   return qwix.quantize_model(model, ptq_provider(config.quant), example_tokens(config))
 
 
