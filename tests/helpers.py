@@ -1,4 +1,4 @@
-"""Small helpers for tests: configs and running the CLI in a subprocess."""
+"""Small helpers for tests: configs, the CLI in a subprocess, an LM loss gradient."""
 
 from __future__ import annotations
 
@@ -29,3 +29,18 @@ def run_cli(args: list[str], *, devices: int = 1, timeout: int = 600, env=None
   e.update(env or {})
   return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=e, timeout=timeout,
                         capture_output=True, text=True)
+
+
+def lm_value_and_grad(model, tokens):
+  """Jitted ``(next-token loss, nnx grads)`` of ``model`` on ``tokens`` [B, L+1]."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from research.models.loss import lm_loss
+
+  @nnx.jit
+  def value_and_grad(model, x):
+    def loss_fn(model):
+      logits = model(x[:, :-1])
+      return lm_loss(logits, x[:, 1:], jnp.ones(x[:, 1:].shape))[0]
+    return nnx.value_and_grad(loss_fn)(model)
+  return value_and_grad(model, tokens)

@@ -14,6 +14,7 @@ from research.models.loss import lm_loss
 from research.models.transformer import (Transformer, count_params, resolved_dims,
                                          validate_model_config)
 from research import sharding as shd
+from tests.helpers import lm_value_and_grad
 
 VOCAB = 37
 
@@ -131,16 +132,8 @@ def test_scan_layers_does_not_change_the_init():
       np.testing.assert_array_equal(v[...], scanned[path][...])
 
 
-@nnx.jit
-def _value_and_grad(model, x):
-  def loss_fn(model):
-    logits = model(x[:, :-1])
-    return lm_loss(logits, x[:, 1:], jnp.ones(x[:, 1:].shape))[0]
-  return nnx.value_and_grad(loss_fn)(model)
-
-
 def _loss_and_grads(model, x):
-  loss, grads = _value_and_grad(model, x)
+  loss, grads = lm_value_and_grad(model, x)
   return loss, jax.tree.leaves(nnx.to_pure_dict(grads))
 
 

@@ -19,7 +19,7 @@ from research.config import ConfigError, base_config
 from research.models.projection import (_trailing_contraction, linear_dot_general,
                                         module_kwargs, projection_einsum)
 from research.models.transformer import Transformer
-from research.models.loss import lm_loss
+from tests.helpers import lm_value_and_grad, smoke_config
 
 # float32 gradients summed in a different order: measured max |diff| ~1e-7 on these
 # O(1) gradients; 1e-5 is loose enough for any BLAS order and far below a wrong term.
@@ -65,14 +65,6 @@ def _model_cfg(**overrides):
   return c
 
 
-@nnx.jit
-def _loss_and_grads(model, tokens):
-  def loss_fn(m):
-    logits = m(tokens[:, :-1])
-    return lm_loss(logits, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape))[0]
-  return nnx.value_and_grad(loss_fn)(model)
-
-
 @pytest.mark.parametrize('overrides', [
     {'scan_layers': True},
     {'scan_layers': False, 'remat': 'dots_saveable', 'num_kv_heads': 2},
@@ -89,7 +81,7 @@ def test_transformer_grads_match_autodiff(overrides):
         custom = (getattr(mod, 'einsum_op', None) is projection_einsum
                   or getattr(mod, 'dot_general', None) is linear_dot_general)
         assert custom == (vjp == 'transpose_input')
-    loss, grads = _loss_and_grads(model, tokens)
+    loss, grads = lm_value_and_grad(model, tokens)
     results[vjp] = (loss, nnx.to_pure_dict(grads))
   (l0, g0), (l1, g1) = results['autodiff'], results['transpose_input']
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
@@ -111,7 +103,6 @@ def test_unsupported_einsum_and_value_are_refused_by_name():
 
 def test_config_validation_names_the_key():
   from research.validation import validate_config
-  from tests.helpers import smoke_config
   with pytest.raises(ConfigError, match=r"model.projection_vjp='fast' is unknown"):
     validate_config(smoke_config(**{'model.projection_vjp': 'fast'}))
   with pytest.raises(ConfigError, match=r"model.projection_vjp='transpose_input'.*quant"):
@@ -122,7 +113,6 @@ def test_config_validation_names_the_key():
 def test_ptq_of_a_transpose_input_model_equals_ptq_of_autodiff():
   """qwix intercepts the projections' ops: quantize_to_integers puts the plain ops back."""
   from research.quant import quantize_to_integers
-  from tests.helpers import smoke_config
   outs = {}
   for vjp in ('autodiff', 'transpose_input'):
     c = smoke_config(**{'model.vocab_size': 259, 'model.projection_vjp': vjp,
