@@ -214,13 +214,12 @@ def _unstack_blocks(cfg: ml_collections.ConfigDict, stacked: Block) -> nnx.List:
   seed gives the same initial weights (and the same losses) either way.
   """
   values = nnx.to_pure_dict(nnx.state(stacked))
+  # One abstract per-layer Block (its own, unstacked sharding metadata), traced once.
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
   blocks = []
   for i in range(cfg.num_layers):
-    block = nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(block)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda a, i=i: a[i], values))
-    nnx.update(block, state)
-    blocks.append(block)
+    blocks.append(nnx.merge(graphdef, state))
   return nnx.List(blocks)
 
 
