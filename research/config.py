@@ -53,6 +53,17 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6
   m.positions = 'rope'  # 'rope' | 'learned'
   m.rope_theta = 10000.0
+  m.rope_scaling = 'none'  # 'none' | 'linear' | 'llama3' | 'yarn' (transformers' RoPE types).
+  m.rope_factor = 1.0  # linear/llama3/yarn: context extension factor (Llama 3.1: 8.0).
+  m.rope_low_freq_factor = 1.0  # llama3: wavelengths above original_max_len / this are scaled.
+  m.rope_high_freq_factor = 4.0  # llama3: wavelengths below original_max_len / this are kept.
+  m.rope_original_max_len = 0  # llama3/yarn: original_max_position_embeddings (pre-extension).
+  m.rope_beta_fast = 32.0  # yarn: rotations bounding the extrapolated dimensions.
+  m.rope_beta_slow = 1.0  # yarn: rotations bounding the interpolated dimensions.
+  m.rope_attention_factor = 0.0  # yarn: cos/sin scale; 0 = 0.1 * ln(factor) + 1.
+  m.rope_truncate = True  # yarn: integer correction range (transformers' default).
+  m.sliding_window = 0  # Keys a query sees in local layers (itself included); 0: full.
+  m.window_layers = ''  # 'L' local / 'G' global per layer, repeated ('LG': alternate); '': all.
   m.max_seq_len = 1024
   m.tie_embeddings = True
   m.dropout = 0.0

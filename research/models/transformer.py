@@ -41,7 +41,8 @@ from flax.core import spmd
 
 from research.config import ConfigError
 from research.models import layers, projection
-from research.models.attention import Attention, rope_angles
+from research.models.attention import (ROPE_SCALINGS, Attention, RopeScaling,
+                                        rope_angles, rope_frequencies)
 from research.sharding import constrain
 
 MLP_KINDS = ('swiglu', 'gelu')
@@ -92,6 +93,21 @@ def resolved_dims(cfg: ml_collections.ConfigDict) -> dict[str, int]:
           'mlp_dim': int(mlp_dim)}
 
 
+def layer_windows(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Sliding window of each layer (0 = full attention).
+
+  ``model.window_layers`` is a pattern of ``'L'`` (local: ``model.sliding_window``) and
+  ``'G'`` (global) repeated cyclically over the layers: ``''`` every layer local,
+  ``'LG'`` Gemma-2's alternation, a string of ``num_layers`` letters any per-layer
+  choice (Qwen2's ``layer_types``).
+  """
+  if not cfg.sliding_window:
+    return (0,) * cfg.num_layers
+  pattern = cfg.window_layers or 'L'
+  return tuple(int(cfg.sliding_window) if pattern[i % len(pattern)] == 'L' else 0
+               for i in range(cfg.num_layers))
+
+
 def _is_int(x: Any) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
@@ -137,6 +153,16 @@ def validate_model_config(cfg: ml_collections.ConfigDict, seq_len: int | None = 
           f'set model.head_dim (or d_model/num_heads) to an even number.')
     if not cfg.rope_theta > 0:
       raise ConfigError(f'model.rope_theta={cfg.rope_theta!r} must be > 0 (e.g. 10000.0).')
+  _validate_rope_scaling(cfg)
+  if not _is_int(cfg.sliding_window) or cfg.sliding_window < 0:
+    raise ConfigError(f'model.sliding_window={cfg.sliding_window!r} must be an integer >= 0 '
+                      f'(0 means full attention).')
+  if not isinstance(cfg.window_layers, str) or set(cfg.window_layers) - set('LG'):
+    raise ConfigError(f"model.window_layers={cfg.window_layers!r} must be a string of 'L' "
+                      f"(local) and 'G' (global) letters, e.g. 'LG'.")
+  if cfg.window_layers and not cfg.sliding_window:
+    raise ConfigError(f'model.window_layers={cfg.window_layers!r} needs '
+                      f'model.sliding_window > 0; set it or clear window_layers.')
   if not 0.0 <= cfg.dropout < 1.0:
     raise ConfigError(f'model.dropout={cfg.dropout!r} must be in [0, 1); use 0.0 to disable.')
   if not cfg.norm_eps > 0:
@@ -151,10 +177,42 @@ def validate_model_config(cfg: ml_collections.ConfigDict, seq_len: int | None = 
     raise ConfigError(
         f"model.attention_impl='cudnn' runs in half precision but model.dtype="
         f"{cfg.dtype!r}; set model.dtype='bfloat16' or use model.attention_impl='xla'.")
+  if cfg.attention_impl == 'cudnn' and (dims['head_dim'] % 8 or dims['head_dim'] > 256):
+    raise ConfigError(
+        f"model.attention_impl='cudnn' needs a head dimension that is a multiple of 8 and "
+        f"<= 256 (<= 128 before Hopper), got {dims['head_dim']}; change model.head_dim "
+        f"or use model.attention_impl='xla'.")
   if cfg.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
     raise ConfigError(
         f"model.attention_impl='cudnn' needs an NVIDIA GPU but the backend is "
         f"{jax.default_backend()!r}; use model.attention_impl='xla'.")
+
+
+def _validate_rope_scaling(cfg: ml_collections.ConfigDict) -> None:
+  kind = cfg.rope_scaling
+  if kind not in ROPE_SCALINGS:
+    raise ConfigError(f'model.rope_scaling={kind!r} is unknown; use one of '
+                      f'{", ".join(map(repr, ROPE_SCALINGS))}.')
+  if kind == 'none':
+    return
+  if cfg.positions != 'rope':
+    raise ConfigError(f"model.rope_scaling={kind!r} needs model.positions='rope'; set "
+                      f"rope_scaling='none'.")
+  if not cfg.rope_factor > 0:
+    raise ConfigError(f'model.rope_factor={cfg.rope_factor!r} must be > 0 (e.g. 8.0).')
+  if kind in ('llama3', 'yarn') and not (_is_int(cfg.rope_original_max_len)
+                                         and cfg.rope_original_max_len > 0):
+    raise ConfigError(f'model.rope_scaling={kind!r} needs model.rope_original_max_len > 0 '
+                      f'(the context before extension, e.g. 8192).')
+  if kind == 'llama3' and not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
+    raise ConfigError(
+        f'model.rope_low_freq_factor={cfg.rope_low_freq_factor!r} and '
+        f'model.rope_high_freq_factor={cfg.rope_high_freq_factor!r} must satisfy '
+        f'0 < low < high (Llama 3.1: 1.0 and 4.0).')
+  if kind == 'yarn' and not (cfg.rope_beta_fast > 0 and cfg.rope_beta_slow > 0
+                             and cfg.rope_attention_factor >= 0):
+    raise ConfigError('model.rope_beta_fast and model.rope_beta_slow must be > 0 and '
+                      'model.rope_attention_factor >= 0 (0: 0.1 * ln(factor) + 1).')
 
 
 # --------------------------------------------------------------------------- model
@@ -183,7 +241,7 @@ class Block(nnx.Module):
         causal=cfg.causal, use_rope=cfg.positions == 'rope',
         implementation=cfg.attention_impl, init_std=cfg.init_std, out_init_std=out_std,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=cfg.use_bias,
-        projection_vjp=cfg.projection_vjp)
+        projection_vjp=cfg.projection_vjp, window_choices=layer_windows(cfg))
     self.mlp_norm = norm()
     self.mlp = layers.MLP(cfg.d_model, dims['mlp_dim'], kind=cfg.mlp_kind,
                           init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
@@ -191,13 +249,15 @@ class Block(nnx.Module):
                           projection_vjp=cfg.projection_vjp)
     self.dropout_rate = float(cfg.dropout)
 
-  def __call__(self, x_BLD: jax.Array, *, rope=None, mask_BL=None, kv_cache=None,
-               cache_index=None, dropout_key: jax.Array | None = None):
+  def __call__(self, x_BLD: jax.Array, *, rope=None, mask_BL=None, segment_ids_BL=None,
+               window: int | jax.Array = 0, kv_cache=None, cache_index=None,
+               dropout_key: jax.Array | None = None):
     """Returns ``(x_BLD, new_kv_cache)``; ``dropout_key`` None means no dropout."""
     key0 = key1 = None
     if dropout_key is not None:
       key0, key1 = jax.random.split(dropout_key)
     h_BLD, kv_cache = self.attn(self.attn_norm(x_BLD), rope=rope, mask_BL=mask_BL,
+                                segment_ids_BL=segment_ids_BL, window=window,
                                 kv_cache=kv_cache, cache_index=cache_index)
     x_BLD = constrain(x_BLD + _dropout(h_BLD, self.dropout_rate, key0),
                       ('batch', 'seq', 'act_embed'))
@@ -254,6 +314,8 @@ class Transformer(nnx.Module):
     self.max_seq_len = int(cfg.max_seq_len)
     self.positions = cfg.positions
     self.rope_theta = float(cfg.rope_theta)
+    self.rope_scaling = RopeScaling.from_config(cfg)
+    self.layer_windows = layer_windows(cfg)
     self.tie_embeddings = bool(cfg.tie_embeddings)
     self.scan_layers = bool(cfg.scan_layers)
     self.remat = cfg.remat
@@ -284,14 +346,20 @@ class Transformer(nnx.Module):
 
   # ------------------------------------------------------------------ pieces
 
-  def _apply_blocks(self, x_BLD, *, rope, mask_BL, cache: KVCache | None,
+  def _apply_blocks(self, x_BLD, *, rope, mask_BL, segment_ids_BL, cache: KVCache | None,
                     layer_keys: jax.Array | None):
     index = None if cache is None else cache['index']
     kv = None if cache is None else (cache['k'], cache['v'])
+    # One window for all layers stays a static int (cuDNN takes it as is); per-layer
+    # windows ride along the layers as an int32 array (traced under scan).
+    uniform = len(set(self.layer_windows)) == 1
+    static_window = self.layer_windows[0] if uniform else 0
+    windows = None if uniform else jnp.asarray(self.layer_windows, jnp.int32)
 
-    def apply_block(block: Block, x_BLD, key, layer_kv):
-      return block(x_BLD, rope=rope, mask_BL=mask_BL, kv_cache=layer_kv,
-                   cache_index=index, dropout_key=key)
+    def apply_block(block: Block, x_BLD, key, layer_kv, window):
+      return block(x_BLD, rope=rope, mask_BL=mask_BL, segment_ids_BL=segment_ids_BL,
+                   window=static_window if window is None else window,
+                   kv_cache=layer_kv, cache_index=index, dropout_key=key)
 
     if self.remat != 'none':
       # Under scan, CSE across iterations is impossible anyway: prevent_cse=False
@@ -300,17 +368,18 @@ class Transformer(nnx.Module):
                               prevent_cse=not self.scan_layers)
 
     if self.scan_layers:
-      @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+      @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
                 transform_metadata={nnx.PARTITION_NAME: 'layers'})
-      def scan_blocks(block, x_BLD, key, layer_kv):
-        return apply_block(block, x_BLD, key, layer_kv)
-      return scan_blocks(self.blocks, x_BLD, layer_keys, kv)
+      def scan_blocks(block, x_BLD, key, layer_kv, window):
+        return apply_block(block, x_BLD, key, layer_kv, window)
+      return scan_blocks(self.blocks, x_BLD, layer_keys, kv, windows)
 
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       layer_kv = None if kv is None else (kv[0][i], kv[1][i])
       key = None if layer_keys is None else layer_keys[i]
-      x_BLD, layer_kv = apply_block(block, x_BLD, key, layer_kv)
+      window = None if windows is None else windows[i]
+      x_BLD, layer_kv = apply_block(block, x_BLD, key, layer_kv, window)
       if layer_kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
@@ -329,7 +398,8 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
                cache: KVCache | None = None, deterministic: bool = True,
-               return_hidden: bool = False, mask_BL: jax.Array | None = None):
+               return_hidden: bool = False, mask_BL: jax.Array | None = None,
+               segment_ids_BL: jax.Array | None = None):
     """Logits ``[B, L, V]`` in the compute dtype (the loss upcasts to float32).
 
     Args:
@@ -343,6 +413,10 @@ class Transformer(nnx.Module):
         logits (for classification heads).
       mask_BL: 1 = real token, 0 = padding; padded keys get no attention (bidirectional
         encoders with padded batches). Not supported together with ``cache``.
+      segment_ids_BL: int32 document ids of packed windows: tokens attend only within
+        their segment (0 = packing padding). Pass ``positions_BL`` from
+        :func:`research.models.attention.document_positions` for positions that
+        restart per document. Not supported together with ``cache``.
     """
     B, L = tokens_BL.shape
     index = None if cache is None else cache['index']
@@ -359,10 +433,13 @@ class Transformer(nnx.Module):
       x_BLD = x_BLD + self.pos_embed(positions_BL)
     x_BLD = _dropout(x_BLD, self.dropout_rate, None if keys is None else keys[0])
     x_BLD = constrain(x_BLD, ('batch', 'seq', 'act_embed'))
-    rope = (rope_angles(positions_BL, self.head_dim, self.rope_theta)
-            if self.positions == 'rope' else None)
+    rope = None
+    if self.positions == 'rope':
+      inv_freq, scale = rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+      rope = rope_angles(positions_BL, inv_freq, scale)
 
-    x_BLD, new_kv = self._apply_blocks(x_BLD, rope=rope, mask_BL=mask_BL, cache=cache,
+    x_BLD, new_kv = self._apply_blocks(x_BLD, rope=rope, mask_BL=mask_BL,
+                                       segment_ids_BL=segment_ids_BL, cache=cache,
                                        layer_keys=None if keys is None else keys[1:])
     x_BLD = self.final_norm(x_BLD)
     out = x_BLD if return_hidden else self.logits(x_BLD)
