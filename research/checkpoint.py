@@ -21,6 +21,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from research.data import iterator_state
 from research.runtime import UserError
 
 
@@ -106,8 +107,10 @@ class Checkpointer:
               ) -> tuple[Any, dict[str, Any]]:
     """Restores ``state`` into ``abstract_state``'s shardings, the iterator in place."""
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-    if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    step_dir = os.path.join(self.directory, str(step))
+    if data_iterator is not None:  # A global position restores under any process count.
+      items.update(iterator_state.restore_items(step_dir, data_iterator, jax.process_index(),
+                                                jax.process_count()))
     try:
       restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
@@ -115,6 +118,8 @@ class Checkpointer:
       raise CheckpointError(
           f'checkpoint step {step} in {self.directory} does not match this model/config '
           f'({first[:300]}); use a fresh --workdir or the config that wrote it.') from None
+    if data_iterator is not None:
+      iterator_state.restore_global(step_dir, data_iterator)
     return restored.state, dict(restored.meta)
 
   def wait(self) -> None:

@@ -1,10 +1,18 @@
-"""Where text comes from: the Python standard library, local text files, or TFDS.
+"""Where text comes from: the Python standard library, local files, TFDS, or a token store.
 
 * ``stdlib`` (the offline default): every ``*.py`` file of the running Python's
   standard library, without test directories and ``site-packages``.
-* ``text_files``: the files matched by the glob ``data.path`` (``**`` recurses).
+* ``text_files``: the files matched by the glob ``data.path`` (``**`` recurses); one
+  document per file.
+* ``jsonl`` / ``parquet``: the files matched by ``data.path``, one document per record
+  (line / row) taken from the string field ``data.text_key`` (what researchers download).
 * ``tfds``: any TFDS dataset by ``data.name``, read with ``tfds.data_source``
   (random access over array_record files; TensorFlow is not needed).
+* ``tokens``: a store prepared by ``python -m launch.prepare_data`` (research/data/token_store.py).
+
+Bad input never ends in a traceback: binary files (NUL bytes) are skipped, invalid UTF-8
+is replaced and counted, records without the text field are skipped and counted; the
+counts (:class:`ReadStats`) are logged as warnings naming the first offending file.
 
 File sources are split into train/eval by a hash of each file's path relative to the
 corpus root, so the split is the same on every machine and never moves a file when
@@ -14,10 +22,13 @@ listings are cached and nothing is read until a pipeline asks for the documents.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import functools
 import glob
 import hashlib
+import json
+import logging
 import os
 import platform
 import sysconfig
@@ -28,7 +39,11 @@ import ml_collections
 
 from research.config import ConfigError
 
-SOURCES = ('stdlib', 'text_files', 'tfds')
+_log = logging.getLogger(__name__)
+
+SOURCES = ('stdlib', 'text_files', 'jsonl', 'parquet', 'tfds', 'tokens')
+# Sources read from files matched by a glob (data.path) or the stdlib listing.
+FILE_SOURCES = ('stdlib', 'text_files', 'jsonl', 'parquet')
 SPLITS = ('train', 'eval')
 # Directory names never read from the standard library.
 _STDLIB_EXCLUDED_DIRS = frozenset({'test', 'tests', 'idle_test', 'site-packages',
@@ -129,17 +144,21 @@ def _file_corpus(source: str, path: str, eval_fraction: float) -> FileCorpus:
   return FileCorpus(root=root, rel_paths=rel, eval_fraction=eval_fraction, mode=mode)
 
 
+_EXAMPLE_GLOB = {'text_files': '~/corpus/**/*.txt', 'jsonl': '~/corpus/*.jsonl',
+                 'parquet': '~/corpus/*.parquet'}
+
+
 def file_corpus(data_cfg: ml_collections.ConfigDict) -> FileCorpus:
-  """The (cached) listing of a ``stdlib`` or ``text_files`` source; errors if empty."""
+  """The (cached) listing of a file source (stdlib, text_files, jsonl, parquet); errors if empty."""
   _check_eval_fraction(data_cfg)
-  if data_cfg.source == 'text_files':
-    if not data_cfg.path:
-      raise ConfigError("data.path is empty but data.source='text_files' needs a glob; "
-                        "set e.g. data.path='~/corpus/**/*.txt'.")
-  corpus = _file_corpus(data_cfg.source, data_cfg.path if data_cfg.source == 'text_files'
-                        else '', float(data_cfg.eval_fraction))
+  globbed = data_cfg.source != 'stdlib'
+  if globbed and not data_cfg.path:
+    raise ConfigError(f"data.path is empty but data.source='{data_cfg.source}' needs a glob; "
+                      f"set e.g. data.path='{_EXAMPLE_GLOB[data_cfg.source]}'.")
+  corpus = _file_corpus(data_cfg.source, data_cfg.path if globbed else '',
+                        float(data_cfg.eval_fraction))
   if not corpus.rel_paths:
-    if data_cfg.source == 'text_files':
+    if globbed:
       raise ConfigError(
           f"data.path: glob '{data_cfg.path}' matched no files; fix the pattern (use "
           f"'dir/**/*.txt' to recurse) or use data.source=stdlib.")
@@ -148,9 +167,97 @@ def file_corpus(data_cfg: ml_collections.ConfigDict) -> FileCorpus:
   return corpus
 
 
-def _read(path: str) -> str:
-  with open(path, encoding='utf-8', errors='replace') as f:
-    return f.read()
+# ------------------------------------------------------------ reading, with stats
+
+
+@dataclasses.dataclass
+class ReadStats:
+  """What reading found wrong: counts and the first offending file of each kind."""
+
+  files: int = 0
+  empty_files: int = 0
+  first_empty: str = ''
+  binary_files: int = 0
+  first_binary: str = ''
+  replaced_bytes: int = 0
+  first_replaced: str = ''
+  bad_records: int = 0
+  first_bad_record: str = ''
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def merge(self, other: ReadStats) -> None:
+    for f in dataclasses.fields(self):
+      a, b = getattr(self, f.name), getattr(other, f.name)
+      setattr(self, f.name, (a or b) if isinstance(a, str) else a + b)
+
+  def note(self, kind: str, where: str, count: int = 1) -> None:
+    first = {'empty_files': 'first_empty', 'binary_files': 'first_binary',
+             'replaced_bytes': 'first_replaced', 'bad_records': 'first_bad_record'}[kind]
+    setattr(self, kind, getattr(self, kind) + count)
+    if not getattr(self, first):
+      setattr(self, first, where)
+
+  def warnings(self, source: str, text_key: str = 'text') -> list[str]:
+    out = []
+    if self.empty_files and source != 'stdlib':  # Empty __init__.py files are normal there.
+      out.append(f'data: {self.empty_files} empty file(s) contribute no text '
+                 f'(first: {self.first_empty}).')
+    if self.binary_files:
+      out.append(f'data: skipped {self.binary_files} binary file(s) (NUL bytes; first: '
+                 f'{self.first_binary}).')
+    if self.replaced_bytes:
+      out.append(f'data: invalid UTF-8: {self.replaced_bytes} byte(s) replaced by U+FFFD '
+                 f'(first in {self.first_replaced}).')
+    if self.bad_records:
+      out.append(f'data: skipped {self.bad_records} record(s) that are not valid JSON or have '
+                 f'no string field {text_key!r} (first: {self.first_bad_record}).')
+    return out
+
+  def log_warnings(self, data_cfg: ml_collections.ConfigDict) -> None:
+    for w in self.warnings(data_cfg.source, data_cfg.text_key):
+      _log.warning(w)
+
+
+class _CountingReplace:
+  """A codecs error handler like 'replace' that counts the bytes it replaced."""
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, e: UnicodeDecodeError) -> tuple[str, int]:
+    self.count += e.end - e.start
+    return '\ufffd', e.end
+
+
+_REPLACE = _CountingReplace()
+codecs.register_error('research_count_replace', _REPLACE)
+
+
+def decode(data: bytes, where: str, stats: ReadStats) -> str:
+  """UTF-8 text of ``data``; invalid bytes become U+FFFD and are counted in ``stats``."""
+  try:
+    return data.decode('utf-8')
+  except UnicodeDecodeError:
+    before = _REPLACE.count
+    text = data.decode('utf-8', errors='research_count_replace')
+    stats.note('replaced_bytes', where, _REPLACE.count - before)
+    return text
+
+
+def read_text_file(path: str, where: str, stats: ReadStats) -> str | None:
+  """A text file's content; None (counted) for a binary file (NUL in its first 8 KB)."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  stats.files += 1
+  if not data:
+    stats.note('empty_files', where)
+  elif b'\x00' in data[:8192]:
+    stats.note('binary_files', where)
+    return None
+  # Universal newlines, as text-mode open() reads them (the token stream stays the same).
+  return decode(data, where, stats).replace('\r\n', '\n').replace('\r', '\n')
 
 
 def _tail_cut(text: str, eval_fraction: float) -> int:
@@ -160,16 +267,215 @@ def _tail_cut(text: str, eval_fraction: float) -> int:
   return nl + 1 if 0 <= nl < len(text) - 1 else cut
 
 
-def file_documents(data_cfg: ml_collections.ConfigDict, split: str) -> Iterator[str]:
-  """The documents of a file source's ``split``, read lazily one file at a time."""
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """A unit of reading: a whole file, the head/tail of a file (text tail split), a byte
+  range of a JSONL file or a row range of a Parquet file. ``size`` is in bytes (approx.)."""
+
+  rel: str
+  part: str  # 'all' | 'head' | 'tail' | 'bytes' | 'rows'
+  start: int = 0
+  end: int = 0
+  size: int = 0
+
+
+# JSONL files and Parquet row groups are cut into items of about this many bytes, so one
+# big file is still prepared by several workers.
+_ITEM_BYTES = 32 << 20
+
+
+def _line_start(f: Any, pos: int) -> int:
+  """The first line start at or after byte ``pos`` of the open binary file ``f``."""
+  if pos <= 0:
+    return 0
+  f.seek(pos - 1)
+  f.readline()
+  return f.tell()
+
+
+def _jsonl_items(root: str, rel: str, mode: str, split: str, eval_fraction: float) -> list[Item]:
+  path = os.path.join(root, rel)
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    lo, hi = 0, size
+    if mode == 'tail':
+      cut = _line_start(f, int(size * (1.0 - eval_fraction)))
+      lo, hi = (0, cut) if split == 'train' else (cut, size)
+    bounds = [lo]
+    while bounds[-1] < hi:
+      nxt = _line_start(f, bounds[-1] + _ITEM_BYTES)
+      bounds.append(min(max(nxt, bounds[-1] + 1), hi))
+  if len(bounds) == 1:
+    return [Item(rel, 'bytes', lo, lo, 0)]
+  return [Item(rel, 'bytes', a, b, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _parquet_items(root: str, rel: str, mode: str, split: str, eval_fraction: float
+                   ) -> list[Item]:
+  import pyarrow.parquet as pq
+  meta = pq.ParquetFile(os.path.join(root, rel)).metadata
+  rows = meta.num_rows
+  lo, hi = 0, rows
+  if mode == 'tail':
+    cut = int(rows * (1.0 - eval_fraction))
+    lo, hi = (0, cut) if split == 'train' else (cut, rows)
+  bytes_per_row = os.path.getsize(os.path.join(root, rel)) / max(rows, 1)
+  step = max(1, int(_ITEM_BYTES / max(bytes_per_row, 1.0)))
+  items = [Item(rel, 'rows', a, min(a + step, hi), int((min(a + step, hi) - a) * bytes_per_row))
+           for a in range(lo, hi, step)]
+  return items or [Item(rel, 'rows', lo, lo, 0)]
+
+
+_TFDS_ITEM_DOCS = 20_000  # TFDS examples per item when preparing a store from TFDS.
+
+
+def split_items(data_cfg: ml_collections.ConfigDict, split: str) -> list[Item]:
+  """The items of a file source's ``split``, in the order their documents are streamed."""
   split = resolve_split(data_cfg, split)
+  if data_cfg.source == 'tfds':  # Index ranges of the split (size: a guess for grouping).
+    n = len(open_tfds(data_cfg, split))
+    return [Item(tfds_split_name(data_cfg, split), 'examples', a, min(a + _TFDS_ITEM_DOCS, n),
+                 (min(a + _TFDS_ITEM_DOCS, n) - a) * 2000)
+            for a in range(0, n, _TFDS_ITEM_DOCS)] or [Item('', 'examples', 0, 0, 0)]
   corpus = file_corpus(data_cfg)
+  items: list[Item] = []
   for rel in corpus.split_paths(split):
-    text = _read(os.path.join(corpus.root, rel))
-    if corpus.mode == 'tail':
-      cut = _tail_cut(text, corpus.eval_fraction)
-      text = text[:cut] if split == 'train' else text[cut:]
-    yield text
+    size = os.path.getsize(os.path.join(corpus.root, rel))
+    if data_cfg.source == 'jsonl':
+      items += _jsonl_items(corpus.root, rel, corpus.mode, split, corpus.eval_fraction)
+    elif data_cfg.source == 'parquet':
+      items += _parquet_items(corpus.root, rel, corpus.mode, split, corpus.eval_fraction)
+    elif corpus.mode == 'tail':
+      frac = (1 - corpus.eval_fraction) if split == 'train' else corpus.eval_fraction
+      items.append(Item(rel, 'head' if split == 'train' else 'tail', size=int(size * frac)))
+    else:
+      items.append(Item(rel, 'all', size=size))
+  return items
+
+
+def source_spec(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a worker process needs to read items (picklable, no ConfigDict)."""
+  if data_cfg.source == 'tfds':
+    return {'source': 'tfds', 'name': data_cfg.name, 'data_dir': data_cfg.tfds_data_dir,
+            'text_key': data_cfg.text_key}
+  corpus = file_corpus(data_cfg)
+  return {'source': data_cfg.source, 'root': corpus.root, 'text_key': data_cfg.text_key,
+          'eval_fraction': corpus.eval_fraction}
+
+
+def _record_text(value: Any, where: str, stats: ReadStats) -> str | None:
+  if isinstance(value, bytes):
+    return decode(value, where, stats)
+  if isinstance(value, str):
+    return value
+  stats.note('bad_records', where)
+  return None
+
+
+def _jsonl_documents(spec: dict[str, Any], item: Item, stats: ReadStats) -> Iterator[str]:
+  key = spec['text_key']
+  with open(os.path.join(spec['root'], item.rel), 'rb') as f:
+    if item.start == 0:
+      stats.files += 1
+      head = f.read(8192)
+      if not head:
+        stats.note('empty_files', item.rel)
+      elif b'\x00' in head:
+        stats.note('binary_files', item.rel)
+        return
+    f.seek(item.start)
+    pos = item.start
+    while pos < item.end:
+      line = f.readline()
+      if not line:
+        break
+      where = f'{item.rel} byte {pos}'
+      pos += len(line)
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(decode(line, where, stats))
+      except ValueError:
+        stats.note('bad_records', where)
+        continue
+      text = _record_text(record.get(key) if isinstance(record, dict) else None, where, stats)
+      if text is not None:
+        yield text
+
+
+def _parquet_documents(spec: dict[str, Any], item: Item, stats: ReadStats) -> Iterator[str]:
+  import pyarrow.parquet as pq
+  pf = pq.ParquetFile(os.path.join(spec['root'], item.rel))
+  if item.start == 0:
+    stats.files += 1
+  row0 = 0
+  for g in range(pf.metadata.num_row_groups):
+    n = pf.metadata.row_group(g).num_rows
+    lo, hi = max(item.start, row0), min(item.end, row0 + n)
+    if lo < hi:
+      column = pf.read_row_group(g, columns=[spec['text_key']]).column(0)
+      for i, value in enumerate(column.slice(lo - row0, hi - lo).to_pylist()):
+        text = _record_text(value, f'{item.rel} row {lo + i}', stats)
+        if text is not None:
+          yield text
+    row0 += n
+
+
+def item_documents(spec: dict[str, Any], items: Sequence[Item], stats: ReadStats
+                   ) -> Iterator[str]:
+  """The documents of ``items`` in order, counting bad input in ``stats``."""
+  for item in items:
+    if spec['source'] == 'tfds':
+      if item.end > item.start:
+        src = _open_tfds(spec['name'], item.rel, spec['data_dir'])
+        for i in range(item.start, item.end):
+          yield _as_text(src[i][spec['text_key']])
+    elif spec['source'] == 'jsonl':
+      yield from _jsonl_documents(spec, item, stats)
+    elif spec['source'] == 'parquet':
+      yield from _parquet_documents(spec, item, stats)
+    else:
+      text = read_text_file(os.path.join(spec['root'], item.rel), item.rel, stats)
+      if text is None:
+        continue
+      if item.part != 'all':
+        cut = _tail_cut(text, spec['eval_fraction'])
+        text = text[:cut] if item.part == 'head' else text[cut:]
+      yield text
+
+
+def file_documents(data_cfg: ml_collections.ConfigDict, split: str,
+                   stats: ReadStats | None = None) -> Iterator[str]:
+  """The documents of a file source's ``split``, read lazily one item at a time."""
+  stats = stats if stats is not None else ReadStats()
+  yield from item_documents(source_spec(data_cfg), split_items(data_cfg, split), stats)
+
+
+def source_fingerprint(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Identifies a file source's exact input: listing, sizes, mtimes, split and text field.
+
+  Also a token store's ``source`` record (and part of its cache key).
+  """
+  if data_cfg.source == 'tfds':
+    return {'source': 'tfds', 'name': data_cfg.name, 'data_dir': data_cfg.tfds_data_dir,
+            'text_key': data_cfg.text_key, 'split_mode': 'splits',
+            **{f'{s}_split': tfds_split_name(data_cfg, s) for s in SPLITS},
+            **{f'{s}_examples': len(open_tfds(data_cfg, s)) for s in SPLITS}}
+  corpus = file_corpus(data_cfg)
+  h = hashlib.sha1()
+  total = 0
+  for rel in corpus.rel_paths:
+    st = os.stat(os.path.join(corpus.root, rel))
+    total += st.st_size
+    h.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  out = {'source': data_cfg.source, 'root': corpus.root, 'split_mode': corpus.mode,
+         'eval_fraction': corpus.eval_fraction, 'num_files': len(corpus.rel_paths),
+         'total_bytes': total, 'files_fingerprint': h.hexdigest()}
+  if data_cfg.source in ('jsonl', 'parquet'):
+    out['text_key'] = data_cfg.text_key
+  if data_cfg.source == 'stdlib':
+    out['python_version'] = platform.python_version()
+  return out
 
 
 # ------------------------------------------------------------------------- TFDS
@@ -300,11 +606,51 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
                       f'{SPM_MIN_VOCAB}.')
   if data_cfg.num_workers < 0:
     raise ConfigError(f'data.num_workers={data_cfg.num_workers} must be >= 0.')
+  if getattr(data_cfg, 'prepare_workers', 0) < 0:
+    raise ConfigError(f'data.prepare_workers={data_cfg.prepare_workers} must be >= 0 (0: all CPUs).')
   if data_cfg.source == 'tfds':
     for split in SPLITS:
       TfdsTexts(data_cfg, split)
+  elif data_cfg.source == 'tokens':
+    if not data_cfg.path:
+      raise ConfigError("data.path is empty but data.source='tokens' needs a store directory "
+                        "made by python -m launch.prepare_data --out=DIR.")
+    from research.data import token_store  # Late: token_store imports this module.
+    token_store.read_manifest(os.path.expanduser(data_cfg.path))
   else:
-    file_corpus(data_cfg)
+    corpus = file_corpus(data_cfg)
+    if data_cfg.source in ('jsonl', 'parquet'):
+      _check_text_key(data_cfg, corpus)
+
+
+def _check_text_key(data_cfg: ml_collections.ConfigDict, corpus: FileCorpus) -> None:
+  """The first file has the field ``data.text_key`` (reads one line / the schema)."""
+  rel = corpus.rel_paths[0]
+  path = os.path.join(corpus.root, rel)
+  key = data_cfg.text_key
+  if data_cfg.source == 'parquet':
+    import pyarrow.parquet as pq
+    try:
+      names = pq.ParquetFile(path).schema_arrow.names
+    except Exception as e:  # pylint: disable=broad-except  (pyarrow raises several types)
+      raise ConfigError(f'data.path: {rel} is not a readable Parquet file '
+                        f'({_first_line(e)}).') from None
+    if key not in names:
+      raise ConfigError(f"data.text_key='{key}' is not a column of {rel}; it has {names}.")
+    return
+  with open(path, 'rb') as f:
+    for line in f:
+      if line.strip():
+        try:
+          record = json.loads(line.decode('utf-8', errors='replace'))
+        except ValueError:
+          raise ConfigError(f'data.path: the first record of {rel} is not valid JSON; '
+                            f'data.source=jsonl needs one JSON object per line.') from None
+        if not isinstance(record, dict) or key not in record:
+          fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+          raise ConfigError(f"data.text_key='{key}' is not a field of the first record of "
+                            f"{rel}; it has {fields}.")
+        return
 
 
 def documents(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[str] | Iterator[str]:
@@ -312,6 +658,9 @@ def documents(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[str] 
   _check_source(data_cfg)
   if data_cfg.source == 'tfds':
     return TfdsTexts(data_cfg, split)
+  if data_cfg.source == 'tokens':
+    raise ConfigError('data.source=tokens holds token ids, not text; train a SentencePiece '
+                      'model on the raw source (launch.prepare_data does and saves it in the store).')
   return file_documents(data_cfg, split)
 
 
@@ -331,6 +680,13 @@ def corpus_info(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
       info[f'{split}_split'] = tfds_split_name(data_cfg, split)
       info[f'{split}_examples'] = len(open_tfds(data_cfg, split))
     return info
+  if data_cfg.source == 'tokens':
+    from research.data import token_store
+    manifest = token_store.read_manifest(os.path.expanduser(data_cfg.path))
+    info.update(path=data_cfg.path, store_source=manifest['source'],
+                tokenizer=manifest['tokenizer']['fingerprint'],
+                **{f'{k}_tokens': v['tokens'] for k, v in manifest['splits'].items()})
+    return info
   corpus = file_corpus(data_cfg)
   info.update(
       python_version=platform.python_version(),
@@ -338,8 +694,10 @@ def corpus_info(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
       root=corpus.root, split_mode=corpus.mode, eval_fraction=corpus.eval_fraction,
       num_files=len(corpus.rel_paths), fingerprint=corpus.fingerprint,
       total_bytes=sum(os.path.getsize(os.path.join(corpus.root, r)) for r in corpus.rel_paths))
-  if data_cfg.source == 'text_files':
+  if data_cfg.source != 'stdlib':
     info['path'] = data_cfg.path
+  if data_cfg.source in ('jsonl', 'parquet'):
+    info['text_key'] = data_cfg.text_key
   for split in SPLITS:
     paths = corpus.split_paths(split)
     info[f'{split}_files'] = len(paths)

@@ -257,6 +257,14 @@ def make_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | None) -> 
           f'data.spm_vocab_size={vocab} but the tokenizer saved in {path} has '
           f'{tok.vocab_size} pieces; use a fresh --workdir or the vocab size it was trained with.')
     return tok
+  if data_cfg.source == 'tokens':  # A store made with SentencePiece carries its model.
+    stored = os.path.join(os.path.expanduser(data_cfg.path), 'tokenizer', 'spm.model')
+    if not os.path.exists(stored):
+      raise ConfigError(f'data.tokenizer=sentencepiece but the store data.path={data_cfg.path!r} '
+                        f'has no tokenizer/spm.model; set data.tokenizer to the store\'s tokenizer.')
+    tok = SentencePieceTokenizer.load(stored)
+    tok.save(path)
+    return tok
   from research.data import sources  # Late: sources is only needed to train.
   logging.info('Training a %d-piece SentencePiece model on <= %d chars of %s',
                vocab, data_cfg.spm_train_chars, data_cfg.source)
