@@ -6,8 +6,8 @@ Every batch is a dict of numpy arrays for one process:
 with B = batch_size_per_process and L = config.seq_len. With
 ``data.document_masking=True`` also ``segment_ids`` [B, L] int32 (1..n for the
 documents of the row, 0 on padding; an EOS belongs to the document it ends) and
-``positions`` [B, L] int32 (restarting at 0 at each document start), so attention can
-stay within a document.
+``positions`` [B, L] int32 (restarting at 0 at the row start and at each document start;
+RoPE attention depends only on their differences), so attention stays within a document.
 
 Packing is GPT-style concat-and-chunk: documents are tokenized, each followed by EOS,
 concatenated and cut into windows of L+1 tokens. Two paths:

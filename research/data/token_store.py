@@ -305,7 +305,7 @@ def describe(manifest: dict[str, Any]) -> str:
   """One line: source, files, split mode and sizes (logged at the start of a run)."""
   src = manifest['source']
   splits = manifest['splits']
-  mb = lambda b: f'{b / 1e6:.1f} MB'
+  mb = lambda b: f'{b / 1e6:.1f} MB' if b >= 1e5 else f'{b / 1e3:.1f} KB'
   what = src['source']
   if 'num_files' in src:
     what += f" {src['num_files']} file{'s' * (src['num_files'] != 1)} ({mb(src['total_bytes'])})"
