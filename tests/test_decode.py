@@ -1,4 +1,5 @@
-"""KV-cache decoding: cached steps match full forwards; greedy and top-k generation."""
+"""KV-cache decoding: cached steps match full forwards (sliding windows included); greedy
+and top-k generation."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def cached_step(model, tokens_BL, cache):
     dict(scan_layers=True, num_kv_heads=2),
     dict(scan_layers=False, num_kv_heads=2),
     dict(scan_layers=True, num_kv_heads=1, positions='learned', tie_embeddings=False),
+    # Sliding windows (3 < 12 tokens): one for all layers, and per layer under scan.
+    dict(scan_layers=False, num_kv_heads=2, sliding_window=3),
+    dict(scan_layers=True, num_kv_heads=2, sliding_window=3, window_layers='LG'),
 ])
 def test_prefill_and_incremental_steps_match_full_forward(overrides):
   model = build(**overrides)

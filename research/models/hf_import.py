@@ -3,14 +3,21 @@
 Supported ``model_type``s (config mapping in :func:`model_config`, weights in
 :func:`load_params`):
 
-* Llama family: ``llama``, ``mistral`` (no sliding window), ``qwen2`` (q/k/v biases;
-  our ``use_bias`` then also holds zero out/MLP biases). RMSNorm, RoPE in the
-  rotate-half convention with the default ``rope_type`` (our ``apply_rope``), GQA,
-  SwiGLU (``gate_proj``->``wi_0``, ``up_proj``->``wi_1``, ``down_proj``->``wo``), tied or
-  untied ``lm_head``.
+* Llama family: ``llama`` (Llama 2/3.x), ``mistral``, ``qwen2`` (q/k/v biases; our
+  ``use_bias`` then also holds zero out/MLP biases). RMSNorm, RoPE in the rotate-half
+  convention (our ``apply_rope``) with ``rope_type`` default, ``linear``, ``llama3`` or
+  ``yarn`` (``model.rope_scaling``), GQA, SwiGLU (``gate_proj``->``wi_0``,
+  ``up_proj``->``wi_1``, ``down_proj``->``wo``), tied or untied ``lm_head``. Sliding
+  windows: Mistral's ``sliding_window`` (at or above ``max_position_embeddings`` it is
+  full attention), Qwen2's ``use_sliding_window``/``max_window_layers``/``layer_types``
+  (``model.sliding_window`` + the per-layer ``model.window_layers`` pattern).
 * ``gpt2``: learned positions, LayerNorm, biases everywhere, ``gelu_new`` (the tanh
   approximation, which is what our ``mlp_kind='gelu'`` computes), Conv1D weights
   (stored ``[in, out]``), fused ``c_attn`` split into query/key/value, tied head.
+
+Refused in one line (:class:`HFImportError`): other model types (Gemma-2 among them:
+its sandwich norms, soft-capping and scaled embeddings are not our block), other RoPE
+types (``dynamic``, ``longrope``), partial rotary embeddings, other activations.
 
 Only the files are read (``config.json``, ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``): torch and transformers are not needed. The
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Any, Iterable, Sequence
 
@@ -45,8 +53,16 @@ def _read_config(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
+SAFETENSORS = ('model.safetensors', 'model.safetensors.index.json')
+TORCH_WEIGHTS = ('pytorch_model.bin', 'pytorch_model.bin.index.json')
+
+
 def is_hf_checkpoint(path: str) -> bool:
-  """A directory with an HF ``config.json`` (``model_type``) and safetensors weights."""
+  """A directory with an HF ``config.json`` (one with ``model_type``).
+
+  Whatever its weights: such a directory is a read-only source, and one without
+  safetensors gets :func:`check_weights`'s message, not "not a run of ours".
+  """
   path = os.path.expanduser(path)
   if not os.path.isdir(path) or not os.path.exists(os.path.join(path, 'config.json')):
     return False
@@ -54,32 +70,107 @@ def is_hf_checkpoint(path: str) -> bool:
     cfg = _read_config(path)
   except (OSError, ValueError):
     return False
-  has_weights = any(os.path.exists(os.path.join(path, f)) for f in
-                    ('model.safetensors', 'model.safetensors.index.json'))
-  return 'model_type' in cfg and has_weights
+  return isinstance(cfg, dict) and 'model_type' in cfg
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-  params = hf.get('rope_parameters') or {}
-  scaling = hf.get('rope_scaling') or {}
-  rope_type = params.get('rope_type') or scaling.get('rope_type') or scaling.get('type') \
-      or 'default'
-  if rope_type != 'default':
-    raise HFImportError(f'rope_type={rope_type!r} (RoPE scaling) is not supported; only '
-                        f'the default rotary embedding maps onto model.positions=rope.')
-  return float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
+def check_weights(path: str) -> None:
+  """Raises :class:`HFImportError` unless ``path`` has safetensors weights, saying how
+  to convert PyTorch ``.bin`` weights."""
+  if any(os.path.exists(os.path.join(path, f)) for f in SAFETENSORS):
+    return
+  found = [f for f in TORCH_WEIGHTS if os.path.exists(os.path.join(path, f))]
+  if found:
+    raise HFImportError(
+        f'{path} has config.json and {found[0]} but no model.safetensors: weights are read '
+        f'only from safetensors; convert once with python -c "import transformers as t; '
+        f"t.AutoModelForCausalLM.from_pretrained('{path}').save_pretrained('OUT_DIR', "
+        f'safe_serialization=True)" and copy the tokenizer files.')
+  raise HFImportError(f'{path} has config.json but no model.safetensors (or '
+                      f'model.safetensors.index.json) weights.')
+
+
+def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+  """Our ``model.rope_*`` keys from ``rope_parameters`` (transformers 5) or the older
+  ``rope_scaling`` + ``rope_theta``, as transformers' ``ROPE_INIT_FUNCTIONS`` read them."""
+  params = dict(hf.get('rope_scaling') or {})
+  params.update(hf.get('rope_parameters') or {})
+  rope_type = params.get('rope_type') or params.get('type') or 'default'
+  theta = float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
+  if float(params.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))) != 1.0:
+    raise HFImportError('partial_rotary_factor != 1 (rotary on part of the head) is not '
+                        'supported; our RoPE rotates the whole head.')
+  out: dict[str, Any] = {'rope_theta': theta, 'rope_scaling': 'none'}
+  if rope_type == 'default':
+    return out
+  if rope_type not in ('linear', 'llama3', 'yarn'):
+    raise HFImportError(f'rope_type={rope_type!r} is not supported; supported: default, '
+                        f'linear, llama3, yarn.')
+  original = params.get('original_max_position_embeddings')
+  factor = params.get('factor')
+  if rope_type == 'yarn' and factor is None and original:
+    factor = hf['max_position_embeddings'] / original
+  out.update(rope_scaling=rope_type, rope_factor=float(factor))
+  if rope_type == 'llama3':
+    out.update(rope_low_freq_factor=float(params['low_freq_factor']),
+               rope_high_freq_factor=float(params['high_freq_factor']),
+               rope_original_max_len=int(original))
+  if rope_type == 'yarn':
+    attention = params.get('attention_factor')
+    mscale, mscale_all = params.get('mscale'), params.get('mscale_all_dim')
+    if attention is None and mscale and mscale_all:
+      m = lambda s: 1.0 if factor <= 1 else 0.1 * s * math.log(factor) + 1.0
+      attention = m(mscale) / m(mscale_all)
+    out.update(rope_original_max_len=int(original or hf['max_position_embeddings']),
+               rope_beta_fast=float(params.get('beta_fast') or 32.0),
+               rope_beta_slow=float(params.get('beta_slow') or 1.0),
+               rope_attention_factor=float(attention or 0.0),
+               rope_truncate=bool(params.get('truncate', True)))
+  return out
+
+
+def _windows(hf: dict[str, Any]) -> dict[str, Any]:
+  """``sliding_window`` and the ``window_layers`` pattern, as transformers applies them.
+
+  Mistral: one window for every layer. Qwen2: a window only with
+  ``use_sliding_window``, on the layers whose ``layer_types`` entry is
+  ``sliding_attention`` (by default those with index >= ``max_window_layers``). A window
+  at or above ``max_position_embeddings`` never masks anything: full attention.
+  """
+  mtype, layers = hf['model_type'], int(hf['num_hidden_layers'])
+  window = hf.get('sliding_window')
+  if mtype == 'qwen2':
+    window = window if hf.get('use_sliding_window', False) else None
+    types = hf.get('layer_types') or [
+        'sliding_attention' if window is not None and i >= hf.get('max_window_layers', 28)
+        else 'full_attention' for i in range(layers)]
+  else:
+    types = ['sliding_attention'] * layers
+  unknown = sorted(set(types) - {'sliding_attention', 'full_attention'})
+  if unknown:
+    raise HFImportError(f'layer_types {unknown} are not supported (only sliding_attention '
+                        f'and full_attention).')
+  if len(types) != layers:
+    raise HFImportError(f'layer_types has {len(types)} entries for {layers} layers.')
+  if not window or window >= int(hf.get('max_position_embeddings', 2048)) \
+      or 'sliding_attention' not in types:
+    return {'sliding_window': 0, 'window_layers': ''}
+  pattern = ''.join('L' if t == 'sliding_attention' else 'G' for t in types)
+  return {'sliding_window': int(window), 'window_layers': '' if set(pattern) == {'L'}
+          else pattern}
 
 
 def model_config(path_or_config: str | dict[str, Any]) -> dict[str, Any]:
   """Our ``model.*`` keys for an HF checkpoint (a directory or its parsed config.json)."""
-  hf = _read_config(path_or_config) if isinstance(path_or_config, str) else path_or_config
+  if isinstance(path_or_config, str):
+    hf = _read_config(path_or_config)
+    check_weights(path_or_config)
+  else:
+    hf = path_or_config
   mtype = hf.get('model_type')
   if mtype in LLAMA_TYPES:
     if hf.get('hidden_act', 'silu') != 'silu':
       raise HFImportError(f"hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU) maps "
                           f"onto model.mlp_kind=swiglu.")
-    if mtype == 'mistral' and hf.get('sliding_window'):
-      raise HFImportError('mistral with sliding_window attention is not supported.')
     heads = int(hf['num_attention_heads'])
     d = int(hf['hidden_size'])
     use_bias = bool(hf.get('attention_bias') or hf.get('mlp_bias') or mtype == 'qwen2')
@@ -90,9 +181,9 @@ def model_config(path_or_config: str | dict[str, Any]) -> dict[str, Any]:
         'head_dim': int(hf.get('head_dim') or d // heads), 'mlp_kind': 'swiglu',
         'mlp_dim': int(hf['intermediate_size']), 'norm': 'rmsnorm',
         'norm_eps': float(hf.get('rms_norm_eps', 1e-6)), 'positions': 'rope',
-        'rope_theta': _rope_theta(hf),
         'max_seq_len': int(hf.get('max_position_embeddings', 2048)),
         'tie_embeddings': bool(hf.get('tie_word_embeddings', False)), 'use_bias': use_bias,
+        **_rope_parameters(hf), **_windows(hf),
     }
   if mtype in GPT2_TYPES:
     act = hf.get('activation_function', 'gelu_new')
@@ -112,14 +203,24 @@ def model_config(path_or_config: str | dict[str, Any]) -> dict[str, Any]:
         'rope_theta': 10000.0, 'max_seq_len': int(hf['n_positions']),
         'tie_embeddings': True, 'use_bias': True,
     }
-  raise HFImportError(f'model_type={mtype!r} is not supported; supported: '
+  why = _REFUSED.get(mtype, '')
+  raise HFImportError(f'model_type={mtype!r} is not supported{why}; supported: '
                       f'{", ".join(LLAMA_TYPES + GPT2_TYPES)}.')
+
+
+_REFUSED = {
+    'gemma2': ' (sandwich norms, attention/logit soft-capping and scaled embeddings are '
+              'not our block)',
+    'gemma': ' (GeGLU, (1 + scale) norms and scaled embeddings are not our block)',
+    'mixtral': ' (mixture-of-experts MLPs)',
+}
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of ``model.safetensors`` (or the shards of its index) as numpy arrays
   (bfloat16 via ml_dtypes, upcast by the caller)."""
   from safetensors import safe_open
+  check_weights(path)
   index = os.path.join(path, 'model.safetensors.index.json')
   if os.path.exists(index):
     with open(index) as f:
