@@ -397,3 +397,61 @@ def test_multi_process_union_equals_single_process_global_batch(text_dir):
   # Default batch size per process comes from config.batch_size.
   ds = pipeline.make_lm_dataset(c, BYTES, 'train', process_index=1, process_count=2)
   assert next(iter(ds))['inputs'].shape == (4, 16)
+
+
+# ------------------------------------------------------------------------ eval
+
+
+class _EvalTask:
+  """The LM eval contract of research/evaluate.py: make_iterator + finalize_eval."""
+
+  make_iterator = staticmethod(pipeline.make_lm_iterator)
+
+  @staticmethod
+  def finalize_eval(sums):
+    return {'loss': float(sums['loss'] / sums['weight'])}
+
+
+def _eval_fn(model):
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fn(state, batch):
+    m = nnx.merge(graphdef, state)
+    logits = m(batch['inputs'], deterministic=True).astype(jnp.float32)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch['targets'][..., None], -1)[..., 0]
+    return {'loss': (ce * batch['mask']).sum(), 'weight': batch['mask'].sum()}
+  return fn, state
+
+
+def test_eval_over_the_whole_split_or_a_token_budget_is_independent_of_batch_size(text_dir):
+  import types
+  import jax
+  from flax import nnx
+  from research import evaluate as eval_lib
+  from research.models.transformer import Transformer
+  c = files_cfg(text_dir, seq_len=32)
+  c.model.update(vocab_size=BYTES.vocab_size, d_model=32, num_heads=4, mlp_dim=64,
+                 max_seq_len=32, num_layers=1)
+  fn, state = _eval_fn(Transformer(c.model, rngs=nnx.Rngs(0)))
+  ts = types.SimpleNamespace(state=state)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  n_eval = len(pipeline.token_stream(c.data, BYTES, 'eval'))
+
+  def run(batch_size, eval_tokens, eval_steps=10):
+    cc = files_cfg(text_dir, seq_len=32, batch_size=batch_size, eval_tokens=eval_tokens,
+                   eval_steps=eval_steps)
+    return eval_lib.evaluate(cc, _EvalTask, BYTES, fn, ts, sharding, 0, 1)
+
+  whole = [run(b, -1) for b in (4, 8)]
+  assert whole[0]['num_tokens'] == whole[1]['num_tokens'] == n_eval - 1
+  np.testing.assert_allclose(whole[0]['loss'], whole[1]['loss'], rtol=1e-6)
+  budget = [run(b, 1000) for b in (4, 8, 3)]
+  assert [r['num_tokens'] for r in budget] == [1000] * 3
+  np.testing.assert_allclose([r['loss'] for r in budget], budget[0]['loss'], rtol=1e-6)
+  assert abs(budget[0]['loss'] - whole[0]['loss']) > 1e-6  # A prefix, not the split.
+  legacy = run(4, 0, eval_steps=2)  # Default: the first eval_steps batches.
+  assert legacy['num_tokens'] == 2 * 4 * 32

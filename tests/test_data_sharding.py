@@ -1,0 +1,137 @@
+"""Per-process reading and resuming on another process count (the global data order).
+
+* In-process: with the token store, process p of P reads (from the memmaps) exactly
+  its rows of each global batch, and the processes' rows are disjoint with the
+  1-process batch as their union.
+* Real processes (``launch.local`` on 127.0.0.1, as tests/test_distributed.py): a run of
+  tiny.py:smoke=True stopped after step 10 under 2 processes resumes under 1 and under 4
+  processes with the losses of an uninterrupted run. The stop is deterministic: the
+  first run has ``steps=10`` and the resumed ones ``steps=20``, with
+  ``optimizer.decay_steps=20`` in all, so the LR schedule does not depend on ``steps``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from research.config import base_config, override
+from research.data import pipeline, token_store, tokenizers
+from tests.helpers import REPO
+
+BYTES = tokenizers.ByteTokenizer()
+
+
+@pytest.fixture
+def stdlib_cfg(tmp_path, monkeypatch):
+  monkeypatch.setenv('RESEARCH_DATA_CACHE', str(tmp_path / 'cache'))
+  c = base_config()
+  c.seq_len, c.batch_size = 32, 8
+  return c
+
+
+def test_processes_read_only_their_rows_and_union_is_the_global_batch(stdlib_cfg, monkeypatch):
+  c = stdlib_cfg
+  reads: list[np.ndarray] = []
+  take = token_store.SplitStore.take
+
+  def counting_take(self, idx):
+    reads.append(np.unique(np.asarray(idx) // (c.seq_len)))
+    return take(self, idx)
+
+  one = [next(it) for it in [pipeline.make_lm_iterator(c, BYTES, 'train',
+                                                        batch_size_per_process=8)]
+         for _ in range(3)]
+  monkeypatch.setattr(token_store.SplitStore, 'take', counting_take)
+  for count in (2, 4):
+    its = [pipeline.make_lm_iterator(c, BYTES, 'train', batch_size_per_process=8 // count,
+                                     process_index=p, process_count=count)
+           for p in range(count)]
+    for g in one:
+      parts = []
+      for p, it in enumerate(its):
+        reads.clear()
+        parts.append(next(it))
+        # Only this process's rows were read: B/P windows of L+1 tokens.
+        assert sum(r.size for r in reads) <= 2 * (8 // count)
+      for k in g:
+        np.testing.assert_array_equal(g[k], np.concatenate([b[k] for b in parts]))
+      rows = [set(map(bytes, b['inputs'])) for b in parts]
+      assert sum(len(r) for r in rows) == len(set().union(*rows))  # Disjoint.
+
+
+def test_global_state_is_the_same_on_every_process(stdlib_cfg):
+  c = stdlib_cfg
+  its = [pipeline.make_lm_iterator(c, BYTES, 'train', batch_size_per_process=4,
+                                   process_index=p, process_count=2) for p in range(2)]
+  for it in its:
+    for _ in range(5):
+      next(it)
+  assert its[0].get_state() == its[1].get_state() and its[0].global_state
+  # A 1-process iterator restored from that state continues with the same global batch.
+  one = pipeline.make_lm_iterator(c, BYTES, 'train', batch_size_per_process=8)
+  one.set_state(json.loads(json.dumps(its[0].get_state())))
+  nxt = [next(it) for it in its]
+  np.testing.assert_array_equal(next(one)['inputs'],
+                                np.concatenate([b['inputs'] for b in nxt]))
+
+
+# ------------------------------------------------------------------ real processes
+
+FLAGS = ['--config=experiments/pretrain/tiny.py:smoke=True', '--config.log_every=1',
+         '--config.eval_every=10', '--config.checkpoint_every=10', '--config.num_samples=0',
+         '--config.optimizer.decay_steps=20']
+
+
+def _local(n: int, devices: int, workdir, steps: int, env) -> str:
+  cmd = [sys.executable, '-m', 'launch.local', f'--num_processes={n}',
+         f'--devices_per_process={devices}', '--', *FLAGS, f'--config.steps={steps}',
+         f'--workdir={workdir}']
+  r = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-5000:]
+  return r.stdout
+
+
+def _losses(workdir) -> dict[int, float]:
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      row = json.loads(line)
+      if row['split'] == 'train':
+        out[row['step']] = row['loss']
+  return out
+
+
+def test_stopped_under_2_processes_resumes_under_1_and_4_with_the_same_losses(tmp_path):
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)  # launch.local sets each process's device count.
+  env['RESEARCH_DATA_CACHE'] = str(tmp_path / 'cache')
+  ref = tmp_path / 'uninterrupted'
+  _local(1, 2, ref, 20, env)
+  want = _losses(ref)
+  assert sorted(want) == list(range(1, 21))
+
+  stopped = tmp_path / 'stopped'
+  _local(2, 2, stopped, 10, env)
+  got = _losses(stopped)
+  np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)],
+                             rtol=1e-5)
+  for n, devices in [(1, 2), (4, 1)]:
+    wd = tmp_path / f'resumed_{n}'
+    shutil.copytree(stopped, wd)
+    out = _local(n, devices, wd, 20, env)
+    assert 'Resumed from step 10' in out, out[-3000:]
+    resumed = _losses(wd)
+    assert sorted(resumed) == list(range(1, 21))
+    np.testing.assert_allclose([resumed[s] for s in range(11, 21)],
+                               [want[s] for s in range(11, 21)], rtol=1e-5,
+                               err_msg=f'resumed under {n} process(es)')
+    cfg = json.load(open(wd / 'config.json'))
+    assert cfg['process_count'] == n
