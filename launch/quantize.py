@@ -54,12 +54,13 @@ def main(argv):
     return
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from research import quant
-  result = quant.run(_CONFIG.value, _WORKDIR.value)
-  logging.info('wrote %s', os.path.join(_WORKDIR.value, quant.SUMMARY))
+  from research import recipe
+  from research.quant import ptq
+  result = recipe.quantize(_CONFIG.value, _WORKDIR.value)
+  logging.info('wrote %s', os.path.join(_WORKDIR.value, ptq.SUMMARY))
   print(f'{result["setting"]}: eval loss {result["eval_loss"]:.4f} '
         f'(float {result["float_eval"]["loss"]:.4f}), model {result["model_bytes"]["total"]:,} '
-        f'bytes; {_WORKDIR.value}/{quant.SUMMARY}')
+        f'bytes; {_WORKDIR.value}/{ptq.SUMMARY}')
 
 
 if __name__ == '__main__':

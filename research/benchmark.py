@@ -8,7 +8,6 @@ each ended by ``block_until_ready``. MFU uses the same FLOP model as training
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from typing import Any
@@ -19,12 +18,12 @@ import ml_collections
 from flax import nnx
 
 from research import metrics as metrics_lib
+from research import recipe
 from research import sharding as shd
+from research import step as step_lib
 from research.models.transformer import count_params, resolved_dims
-from research.tasks import make_task
-from research.train import create_train_state, train_step
-from research.validation import (check_batch_divisibility, check_tensor_divisibility,
-                                 validate_config)
+from research.train_state import create_train_state
+from research.validation import check_batch_divisibility, check_tensor_divisibility
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, sharding) -> dict[str, jax.Array]:
@@ -39,28 +38,21 @@ def synthetic_batch(config: ml_collections.ConfigDict, sharding) -> dict[str, ja
 
 def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10,
                   warmup: int = 2) -> dict[str, Any]:
-  config = ml_collections.ConfigDict(config.to_dict())
-  if config.model.vocab_size == 0:
-    config.model.vocab_size = 259  # The byte tokenizer's vocabulary.
-  validate_config(config)
-  mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  # The run's composed task (its sources read, not trained) and the trainer's own step.
+  config, task, _ = recipe.compose(config, build_tokenizer=False)
+  mesh = shd.mesh_from_config(config.mesh)
   check_batch_divisibility(config, dict(mesh.shape), jax.process_count())
   check_tensor_divisibility(config.model, mesh.shape['tensor'])
 
-  task = make_task(config)
   t0 = time.perf_counter()
-  ts = create_train_state(config, mesh, task.build_model, wrt=task.trainable)
+  ts = create_train_state(config, mesh, task)
   init_s = time.perf_counter() - t0
   model_view, _ = nnx.merge(ts.graphdef, ts.state)
   params = count_params(model_view)
   del model_view
-  batch_sharding = shd.named(mesh, ('batch', 'seq'))
-  step = jax.jit(
-      functools.partial(train_step, ts.graphdef, objective=task.objective,
-                        accum_steps=config.optimizer.grad_accum_steps, wrt=task.trainable),
-      in_shardings=(ts.shardings, batch_sharding), out_shardings=(ts.shardings, None),
-      donate_argnums=(0,))
-  with shd.use_mesh(mesh):
+  batch_sharding = step_lib.batch_sharding(mesh, config)
+  step = step_lib.make_train_step(config, task, ts, batch_sharding)
+  with shd.use_mesh(mesh, shd.rules_from_config(config.mesh)):
     batch = synthetic_batch(config, batch_sharding)
     t0 = time.perf_counter()
     compiled = step.lower(ts.state, batch).compile()

@@ -29,8 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 32  # Global, in sequences.
   c.seq_len = 256
   c.log_every = 10
+  c.log_every_s = 60.0  # Also print a progress line when this many seconds passed.
   c.eval_every = 200
   c.eval_steps = 10
+  c.eval_tokens = 0  # 0: the first eval_steps batches; -1: the whole eval split; N>0: N tokens.
   c.checkpoint_every = 200
   c.keep_checkpoints = 2
   c.num_samples = 3  # Decoded at the end of pretraining.
@@ -85,18 +87,21 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   d = c.data
-  d.source = 'stdlib'  # 'stdlib' | 'text_files' | 'tfds'
-  d.path = ''  # Glob for text_files.
+  d.source = 'stdlib'  # 'stdlib' | 'text_files' | 'jsonl' | 'parquet' | 'tfds' | 'tokens'
+  d.path = ''  # Glob for text_files/jsonl/parquet; a launch.prepare_data store for tokens.
   d.name = ''  # TFDS dataset name, e.g. 'tiny_shakespeare'.
-  d.text_key = 'text'  # TFDS feature holding the text.
+  d.text_key = 'text'  # TFDS feature / JSONL field / Parquet column holding the text.
   d.train_split = 'train'
   d.eval_split = 'validation'
-  d.eval_fraction = 0.05  # stdlib/text_files: fraction of files held out, by path hash.
+  d.eval_fraction = 0.05  # File sources: fraction of files held out, by path hash.
   d.tokenizer = 'bytes'  # 'bytes' | 'sentencepiece'
   d.spm_vocab_size = 1024  # SentencePiece vocabulary trained on the corpus.
   d.spm_train_chars = 5_000_000  # Characters of the corpus used to train it.
   d.tfds_data_dir = ''
   d.num_workers = 0  # grain worker processes.
+  d.document_masking = False  # Batches carry segment_ids/positions: attend within a document.
+  d.cache_dir = ''  # Where raw sources' token stores go; '': ~/.cache/research/tokens.
+  d.prepare_workers = 0  # Processes tokenizing a raw source into its store; 0: all CPUs.
 
   c.optimizer = ml_collections.ConfigDict()
   o = c.optimizer
@@ -131,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   # What to do when the loss or a gradient is not finite: 'stop' (exit 1 naming the
   # step and the first non-finite parameter) or 'skip' (drop that update, count it).
   c.nan_policy = 'stop'
+  c.resume_check = True  # False: resume even if model/tokenizer/data/batch changed (warns).
 
   c.debug = ml_collections.ConfigDict()
   c.debug.inject_nan_at_step = 0  # Fault injection (tests): NaN gradients at this step.
@@ -278,38 +284,12 @@ def check_known_keys(config: ml_collections.ConfigDict,
       check_known_keys(config[key], reference[key], prefix=f'{dotted}.')
 
 
+# Choices of the feature sections (checked by research/feature_validation.py).
 QUANT_MODES = ('none', 'qat', 'ptq')
 QUANT_GRANULARITIES = ('channel', 'tensor', 'group')
-
-
-def validate_quant_config(q: ml_collections.ConfigDict) -> None:
-  """Checks the ``quant`` section (research/quant.py); one-line ConfigError naming the key."""
-  import re  # Local: keeps this module's imports minimal.
-  if q.mode not in QUANT_MODES:
-    raise ConfigError(f'quant.mode={q.mode!r} is unknown; use one of {", ".join(map(repr, QUANT_MODES))}.')
-  if q.weight_bits not in (8, 4, 2) or isinstance(q.weight_bits, bool):
-    raise ConfigError(f'quant.weight_bits={q.weight_bits!r} is not supported; use 8, 4 or 2.')
-  if q.act_bits not in (0, 8, 4) or isinstance(q.act_bits, bool):
-    raise ConfigError(
-        f'quant.act_bits={q.act_bits!r} is not supported; use 0 (float activations), 8 or 4.')
-  if q.granularity not in QUANT_GRANULARITIES:
-    raise ConfigError(f'quant.granularity={q.granularity!r} is unknown; use one of '
-                      f'{", ".join(map(repr, QUANT_GRANULARITIES))}.')
-  if q.granularity == 'group' and (not isinstance(q.group_size, int) or q.group_size < 2):
-    raise ConfigError(f'quant.group_size={q.group_size!r} must be an integer >= 2 with '
-                      "quant.granularity='group' (e.g. 32).")
-  if not isinstance(q.symmetric, bool):
-    raise ConfigError(f'quant.symmetric={q.symmetric!r} must be True or False.')
-  if not q.symmetric and q.weight_bits == 2:
-    raise ConfigError('quant.symmetric=False needs quant.weight_bits 8 or 4 (qwix has no '
-                      'asymmetric int2); use quant.symmetric=True for 2 bits.')
-  if not (isinstance(q.clip_ratio, (int, float)) and 0 < q.clip_ratio <= 1):
-    raise ConfigError(f'quant.clip_ratio={q.clip_ratio!r} must be in (0, 1] (1: no clipping).')
-  try:
-    re.compile(q.targets)
-  except re.error as e:
-    raise ConfigError(f'quant.targets={q.targets!r} is not a valid regex ({e}).') from None
-  if q.mode != 'none' and not q.targets:
-    raise ConfigError(f'quant.mode={q.mode!r} needs quant.targets (a module-path regex).')
-  if q.mode == 'ptq' and not q.init_from:
-    raise ConfigError("quant.mode='ptq' needs quant.init_from=DIR (the float run to quantize).")
+QUANT_BITS = {8: 'int8', 4: 'int4', 2: 'int2'}
+FINETUNE_MODES = ('full', 'lora', 'linear_probe')
+POOLINGS = ('last', 'mean', 'first')
+PRUNE_METHODS = ('none', 'magnitude', 'nm', 'structured')
+PRUNE_STRUCTURES = ('heads', 'mlp', 'both')
+DISTILL_TASKS = ('lm', 'classification')

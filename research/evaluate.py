@@ -74,6 +74,15 @@ def _any(flag: bool, process_count: int) -> bool:
   return _global_sum(float(flag), process_count) > 0
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigError for an ``eval_tokens`` that cannot work (call before compiling)."""
+  from research.config import ConfigError
+  v = config.eval_tokens
+  if isinstance(v, bool) or not isinstance(v, int) or v < -1:
+    raise ConfigError(f'eval_tokens={v!r} must be an integer: 0 (the first eval_steps '
+                      f'batches), -1 (the whole eval split) or N > 0 (the first N tokens).')
+
+
 def evaluate(config: ml_collections.ConfigDict, task: Any, tokenizer: Any, eval_fn: Any,
              train_state: Any, batch_sharding: Any, process_index: int,
              process_count: int) -> dict[str, float]:
@@ -123,3 +132,19 @@ def evaluate(config: ml_collections.ConfigDict, task: Any, tokenizer: Any, eval_
   metrics = dict(task.finalize_eval(sums))
   metrics['num_tokens'] = int(round(_global_sum(local_tokens, process_count)))
   return metrics
+
+
+def evaluate_model(config: ml_collections.ConfigDict, task: Any, tokenizer: Any, model: Any,
+                   mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """:func:`evaluate` of a model object (a loaded run, a quantized copy) with the
+  trainer's own eval step: same batches, objective and metrics as in training."""
+  from flax import nnx
+  from research import sharding as shd
+  from research import step as step_lib
+  graphdef, state = nnx.split((model, None))
+  sharding = step_lib.batch_sharding(mesh, config)
+  eval_fn = step_lib.make_eval_step(task, graphdef, None, sharding)
+  holder = type('StateHolder', (), {'state': state})
+  with shd.use_mesh(mesh, shd.rules_from_config(config.mesh)):
+    return evaluate(config, task, tokenizer, eval_fn, holder, sharding,
+                    jax.process_index(), jax.process_count())

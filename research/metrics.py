@@ -128,6 +128,24 @@ class MetricsWriter:
       if k not in ('step', 'split') and isinstance(v, (int, float)):
         self._tb.add_scalar(f'{split}/{k}', v, row['step'])
 
+  def write_hparams(self, config, final_metrics: dict[str, Any]) -> None:
+    """The run's config as TensorBoard hparams (the HPARAMS tab compares runs by them):
+    every scalar key, dotted, with the final metrics."""
+    if not self.enabled:
+      return
+    hparams = {}
+    flat = [('', config.to_dict())]
+    while flat:
+      prefix, node = flat.pop()
+      for k, v in node.items():
+        if isinstance(v, dict):
+          flat.append((f'{prefix}{k}.', v))
+        elif isinstance(v, (bool, int, float, str)):
+          hparams[f'{prefix}{k}'] = v
+    metrics = {f'hparams/{k}': float(v) for k, v in final_metrics.items()
+               if isinstance(v, (int, float))}
+    self._tb.add_hparams(hparams, metrics, name='hparams', global_step=config.steps)
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

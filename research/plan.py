@@ -1,9 +1,9 @@
 """Ahead-of-time plan of a training run on a mesh: memory, FLOPs and collectives.
 
 ``plan(config)`` lowers and compiles the real train step (the trainer's
-:func:`research.train.train_step` with its shardings and donation) for the config's
+:func:`research.step.make_train_step`, with its shardings and donation) for the config's
 mesh without allocating a single array: the state comes from
-:func:`research.train.abstract_train_state` (``ShapeDtypeStruct``s with shardings) and
+:func:`research.train_state.abstract_train_state` (``ShapeDtypeStruct``s with shardings) and
 the batch is abstract too. The devices are whatever JAX has; ``launch.plan`` fakes N
 CPU devices, so a 256- or 1024-device mesh can be planned on a laptop.
 
@@ -49,12 +49,13 @@ import ml_collections
 from flax import nnx
 
 from research import metrics as metrics_lib
+from research import recipe
 from research import sharding as shd
+from research import step as step_lib
 from research.config import ConfigError
 from research.models.transformer import count_params, resolved_dims
-from research.tasks import make_task
-from research.validation import (check_batch_divisibility, check_tensor_divisibility,
-                                 validate_config)
+from research.train_state import abstract_train_state
+from research.validation import check_batch_divisibility, check_tensor_divisibility
 
 GiB = 1024 ** 3
 COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
@@ -75,7 +76,8 @@ class PlanError(ConfigError):
 class _Comp:
   dot_flops: float = 0.0
   collectives: dict = dataclasses.field(default_factory=dict)  # op -> [count, bytes]
-  calls: list = dataclasses.field(default_factory=list)  # (callee, multiplier)
+  calls: list = dataclasses.field(default_factory=list)  # (callee, multiplier or cond name)
+  loop_bound: int | None = None  # A loop condition's `i < N`: N.
 
 
 def _shape_dims(type_str: str) -> list[tuple[str, list[int]]]:
@@ -125,7 +127,8 @@ def analyze_hlo(text: str) -> dict[str, Any]:
   symbols: dict[str, str] = {}
   unknown_trip = 0
   for line in text.splitlines():
-    header = re.match(r'^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$', line)
+    header = (re.match(r'^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$', line)
+              or re.match(r'^(ENTRY\s+)?%?([\w.\-]+)\s*\{\s*$', line))
     if header:
       current = comps.setdefault(header.group(2), _Comp())
       symbols = {}
@@ -139,6 +142,37 @@ def analyze_hlo(text: str) -> dict[str, Any]:
       continue
     name, type_str, op, operands, attrs = parsed
     symbols[name] = type_str
+    if op == 'constant' and re.match(r's32\[\]', type_str):
+      consts = symbols.setdefault('__s32_constants__', {})
+      consts[name] = int(re.match(r'\s*(-?\d+)', operands).group(1)) if re.match(
+          r'\s*-?\d+', operands) else None
+    if op == 'compare' and 'direction=LT' in attrs:
+      rhs = operands.split(',')[-1].strip().split()[-1].lstrip('%')
+      bound = symbols.get('__s32_constants__', {}).get(rhs)
+      if bound is not None:
+        current.loop_bound = bound
+    if op == 'convolution':
+      # The TPU compiler writes matmuls as convolutions: 2 x output elements x the
+      # contraction (kernel input features x kernel window positions that meet real,
+      # not dilation-inserted, input elements).
+      out = _shape_dims(type_str)
+      names = [o.strip().split()[-1].lstrip('%') for o in operands.split(',')[:2]]
+      rhs = _shape_dims(symbols.get(names[1], '')) if len(names) == 2 else []
+      labels = re.search(r'dim_labels=\w+_(\w+)->', attrs)
+      if out and rhs and labels:
+        rdims, rlab = rhs[0][1], labels.group(1)
+        dil = re.search(r'lhs_dilate=([\dx]+)', attrs)
+        dilate = [int(v) for v in dil.group(1).split('x')] if dil else []
+        k = 1
+        for pos, ch in enumerate(rlab):
+          if pos >= len(rdims):
+            break
+          if ch == 'i':
+            k *= rdims[pos]
+          elif ch.isdigit():
+            d = dilate[int(ch)] if int(ch) < len(dilate) else 1
+            k *= -(-rdims[pos] // d)
+        current.dot_flops += 2.0 * math.prod(out[0][1]) * k
     if op == 'dot':
       out = _shape_dims(type_str)
       lhs_name = operands.split(',')[0].strip()
@@ -163,11 +197,12 @@ def analyze_hlo(text: str) -> dict[str, Any]:
       entry_[1] += size
     if op == 'while':
       trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
-      if trip is None:
-        unknown_trip += 1
       body = re.search(r'body=%?([\w.\-]+)', attrs)
+      cond = re.search(r'condition=%?([\w.\-]+)', attrs)
       if body:
-        current.calls.append((body.group(1), int(trip.group(1)) if trip else 1))
+        # No known_trip_count (the TPU compiler's HLO): the condition's `i < N`.
+        mult = int(trip.group(1)) if trip else ('cond', cond.group(1) if cond else '')
+        current.calls.append((body.group(1), mult))
     else:
       for key in ('calls', 'to_apply', 'true_computation', 'false_computation'):
         for callee in re.findall(rf'\b{key}=%?([\w.\-]+)', attrs):
@@ -178,6 +213,7 @@ def analyze_hlo(text: str) -> dict[str, Any]:
           current.calls.append((callee.strip().lstrip('%'), 1))
 
   memo: dict[str, tuple[float, dict]] = {}
+  unknown = [unknown_trip]
 
   def total(name: str, stack=()) -> tuple[float, dict]:
     if name in memo:
@@ -189,6 +225,12 @@ def analyze_hlo(text: str) -> dict[str, Any]:
     coll = {k: {'count': v[0], 'per_step': v[0], 'bytes_per_step': v[1]}
             for k, v in comp.collectives.items()}
     for callee, mult in comp.calls:
+      if isinstance(mult, tuple):
+        cond = comps.get(mult[1])
+        mult = cond.loop_bound if cond is not None and cond.loop_bound else None
+        if mult is None:
+          unknown[0] += 1
+          mult = 1
       f, c = total(callee, stack + (name,))
       flops += mult * f
       for k, v in c.items():
@@ -202,7 +244,24 @@ def analyze_hlo(text: str) -> dict[str, Any]:
   if entry is None:
     raise ValueError('no ENTRY computation in the HLO text')
   flops, coll = total(entry)
-  return {'dot_flops': flops, 'collectives': coll, 'loops_with_unknown_trip_count': unknown_trip}
+  return {'dot_flops': flops, 'collectives': coll, 'loops_with_unknown_trip_count': unknown[0],
+          'dot_flops_loop_bodies_once': _once_flops(comps, entry)}
+
+
+def _once_flops(comps: dict[str, '_Comp'], entry: str) -> float:
+  """Matmul FLOPs with every loop body counted once (what cost_analysis() counts)."""
+  memo: dict[str, float] = {}
+
+  def total(name: str, stack=()) -> float:
+    if name in memo:
+      return memo[name]
+    comp = comps.get(name)
+    if comp is None or name in stack:
+      return 0.0
+    memo[name] = comp.dot_flops + sum(total(c, stack + (name,)) for c, _ in comp.calls)
+    return memo[name]
+
+  return total(entry)
 
 
 # --------------------------------------------------------------------------- planning
@@ -240,16 +299,6 @@ def fsdp_working_set(params, mesh: jax.sharding.Mesh) -> tuple[int, str]:
   return 2 * groups[key], key
 
 
-def resolve_vocab_for_plan(config: ml_collections.ConfigDict) -> None:
-  """model.vocab_size=0 means 'the tokenizer's': take it from data.* without training one."""
-  if config.model.vocab_size == 0:
-    if config.data.tokenizer == 'sentencepiece':
-      config.model.vocab_size = int(config.data.spm_vocab_size)
-    else:
-      from research.data.tokenizers import ByteTokenizer
-      config.model.vocab_size = ByteTokenizer().vocab_size
-
-
 def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, seq_len: int,
                    sharding) -> dict[str, jax.ShapeDtypeStruct]:
   """The language-model batch the trainer feeds the step, as ShapeDtypeStructs."""
@@ -260,13 +309,8 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, seq_len: 
 
 
 def _compile_step(config, mesh, rules, ts, task, batch_size, seq_len):
-  from research.train import train_step
-  batch_sharding = shd.named(mesh, ('batch', 'seq'), rules)
-  step = jax.jit(
-      functools.partial(train_step, ts.graphdef, objective=task.objective,
-                        accum_steps=config.optimizer.grad_accum_steps, wrt=task.trainable),
-      in_shardings=(ts.shardings, batch_sharding), out_shardings=(ts.shardings, None),
-      donate_argnums=(0,))
+  batch_sharding = step_lib.batch_sharding(mesh, config)
+  step = step_lib.make_train_step(config, task, ts, batch_sharding)
   batch = abstract_batch(config, batch_size, seq_len, batch_sharding)
   with shd.use_mesh(mesh, rules):
     t0 = time.perf_counter()
@@ -313,7 +357,8 @@ def check_fits(report: dict[str, Any], device_memory_gb: float) -> None:
 
 
 def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float | None = None,
-         floor: bool = True) -> dict[str, Any]:
+         floor: bool = True, devices: list[Any] | None = None,
+         topology: Any = None, memory_fraction: float | None = None) -> dict[str, Any]:
   """Compiles the train step of ``config`` on its mesh over ``jax.devices()``; a report.
 
   With ``device_memory_gb``, raises :class:`PlanError` (carrying the report as
@@ -321,18 +366,20 @@ def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float | None = 
   the compiled peak per device does.
   """
   t_start = time.perf_counter()
-  config = ml_collections.ConfigDict(config.to_dict())
-  resolve_vocab_for_plan(config)
-  validate_config(config)
-  mesh = shd.mesh_from_config(config.mesh)
+  # The run's composed task (fine-tuning, QAT, pruning...), its sources read, not trained.
+  config, task, _ = recipe.compose(config, build_tokenizer=False)
+  if topology is not None and devices is None:
+    from research import topology as topology_lib
+    devices = topology_lib.devices(topology)
+  devices = list(devices if devices is not None else jax.devices())
+  mesh = shd.mesh_from_config(config.mesh, devices=devices)
   rules = shd.rules_from_config(config.mesh)
   n_dev = mesh.devices.size
-  check_batch_divisibility(config, dict(mesh.shape), jax.process_count())
+  processes = len({d.process_index for d in devices})
+  check_batch_divisibility(config, dict(mesh.shape), processes)
   check_tensor_divisibility(config.model, mesh.shape['tensor'])
-  from research.train import abstract_train_state
-  task = make_task(config)
   t0 = time.perf_counter()
-  ts = abstract_train_state(config, mesh, task.build_model, wrt=task.trainable)
+  ts = abstract_train_state(config, mesh, task)
   abstract_s = time.perf_counter() - t0
 
   model_state, opt_state = ts.state[0], ts.state[1]
@@ -367,7 +414,7 @@ def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float | None = 
       'config_name': config.name,
       'mesh': {k: int(v) for k, v in mesh.shape.items()},
       'devices': n_dev,
-      'device_kind': jax.devices()[0].device_kind,
+      'device_kind': devices[0].device_kind,
       'param_count': counts['total'], 'param_count_non_embedding': counts['non_embedding'],
       'batch_size': config.batch_size, 'seq_len': config.seq_len, 'tokens_per_step': tokens,
       'grad_accum_steps': config.optimizer.grad_accum_steps,

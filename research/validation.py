@@ -1,22 +1,27 @@
-"""Checks a config and workdir before anything is compiled or downloaded.
+"""Checks a config and workdir before anything is built, compiled or downloaded.
 
-Every failure is a :class:`ConfigError` with a one-line message that names the key
-and the fix. Checks that need the tokenizer (vocab sizes) run in the trainer right
-after it is built, still before compilation.
+:func:`validate_config` is the one pass over every section: top-level keys, ``model``,
+``mesh``, ``optimizer``, ``data`` and the feature sections (research/feature_validation.py),
+plus finiteness of every float. Every failure is a :class:`ConfigError` with a one-line
+message that names the key and the fix. Checks that need the mesh (divisibility) or the
+tokenizer (vocab sizes) run in the trainer right after those exist, still before
+compilation.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 
-import jax
 import ml_collections
 
 from research.config import ConfigError, check_known_keys
+from research.data.sources import validate_data_config
+from research.feature_validation import validate_features
 from research.models.transformer import resolved_dims, validate_model_config
 from research.optim import validate_optimizer_config
-from research.sharding import mesh_from_config, validate_mesh_config
+from research.sharding import validate_mesh_config
 
 POSITIVE_INT_KEYS = ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
                      'checkpoint_every', 'keep_checkpoints')
@@ -74,12 +79,27 @@ def check_tensor_divisibility(model_cfg: ml_collections.ConfigDict, tensor: int)
           f'mesh.tensor={tensor} does not divide {key}={value}; use a mesh.tensor that divides it.')
 
 
+def check_finite(config: ml_collections.ConfigDict, prefix: str = '') -> None:
+  """Every float in the config is a number (no NaN or infinity), whatever its key."""
+  for key, value in config.items():
+    dotted = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      check_finite(value, f'{dotted}.')
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f'{dotted}={value!r} is not a finite number; set a real value '
+                        f'(see its default in research/config.py).')
+
+
 def validate_config(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
-  """All static checks; call before building anything."""
+  """All static checks of every section; call before building anything."""
   check_known_keys(config)
+  check_finite(config)
   for key in POSITIVE_INT_KEYS:
     if not isinstance(config[key], int) or config[key] <= 0:
       raise ConfigError(f'{key} must be a positive integer, got {config[key]!r}.')
+  if not isinstance(config.log_every_s, (int, float)) or config.log_every_s <= 0:
+    raise ConfigError(f'log_every_s must be a positive number of seconds, got '
+                      f'{config.log_every_s!r}.')
   if config.eval_steps < 0:
     raise ConfigError(f'eval_steps must be >= 0, got {config.eval_steps}.')
   if config.nan_policy not in ('stop', 'skip'):
@@ -88,19 +108,9 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
   if cs < 0 or (cs and config.seq_len % cs):
     raise ConfigError(f'loss.chunk_size={cs} must be 0 (off) or divide seq_len={config.seq_len}.')
   validate_model_config(config.model, config.seq_len)
-  if config.quant.mode == 'qat' and config.model.projection_vjp != 'autodiff':
-    raise ConfigError(
-        f"model.projection_vjp={config.model.projection_vjp!r} bypasses qwix's QAT "
-        f"backward (quant.mode='qat'); use model.projection_vjp='autodiff'.")
   validate_mesh_config(config.mesh)
   validate_optimizer_config(config.optimizer)
+  validate_features(config)
+  validate_data_config(config.data)
   if workdir is not None:
     check_workdir(workdir)
-
-
-def mesh_shape_for(config: ml_collections.ConfigDict, num_devices: int | None = None
-                   ) -> dict[str, int]:
-  """Resolves -1 in mesh.* against the device count (same rules as make_mesh)."""
-  mesh = mesh_from_config(config.mesh,
-                          devices=jax.devices()[:num_devices] if num_devices else None)
-  return dict(mesh.shape)

@@ -40,10 +40,11 @@ def _updates(config, batch, accum_steps_list, n_updates=1):
   from flax import nnx
   from research import sharding as shd
   from research.tasks import make_task
-  from research.train import create_train_state, train_step
+  from research.step import train_step
+  from research.train_state import create_train_state
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   task = make_task(config)
-  ts = create_train_state(config, mesh, task.build_model, wrt=task.trainable)
+  ts = create_train_state(config, mesh, task)
   params = lambda state: jax.device_get(
       nnx.state(nnx.merge(ts.graphdef, state)[0], nnx.Param))
   results = []
@@ -170,19 +171,20 @@ def test_ramp_end_to_end_compiles_once_per_size_and_resumes_exactly(tmp_path, mo
   """Batch 16 -> 32 -> 64 at steps 3 and 5 (LR x sqrt(b/64), 2 micro-batches each):
   rows carry the real batch sizes, tokens add up, one trace per size, and a run
   stopped at the boundary (step 3) and resumed equals the uninterrupted run bitwise."""
-  from research import train as train_lib
+  from research import recipe
+  from research import step as step_lib
   from research.optim import make_schedule
   traced = []
-  real_step = train_lib.train_step
+  real_step = step_lib.train_step
 
   def counting_step(graphdef, state, batch, **kw):
     traced.append(batch['inputs'].shape[0])  # Runs once per trace (= per compile).
     return real_step(graphdef, state, batch, **kw)
 
-  monkeypatch.setattr(train_lib, 'train_step', counting_step)
+  monkeypatch.setattr(step_lib, 'train_step', counting_step)
   c = _ramp_config()
   full = str(tmp_path / 'full')
-  summary = train_lib.train(c, full)
+  summary = recipe.run(c, full)
   assert traced == [16, 32, 64], traced
 
   rows = _rows(full)
@@ -197,8 +199,8 @@ def test_ramp_end_to_end_compiles_once_per_size_and_resumes_exactly(tmp_path, mo
 
   traced.clear()
   parts = str(tmp_path / 'parts')
-  assert train_lib.train(c, parts, stop_at_step=3)['stopped_at_step'] == 3
-  resumed = train_lib.train(c, parts)
+  assert recipe.run(c, parts, stop_at_step=3)['stopped_at_step'] == 3
+  resumed = recipe.run(c, parts)
   assert resumed['resumed_from_step'] == 3
   assert traced == [16, 32, 64], traced  # 16 before the stop; 32 and 64 after.
   got = _rows(parts)

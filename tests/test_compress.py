@@ -71,7 +71,7 @@ def test_cubic_schedule_and_nm_masks():
 
 
 def test_config_validation_names_keys():
-  from research.compress import validate_compress_config
+  from research.feature_validation import validate_features as validate_compress_config
   for key, value, word in (('prune.method', 'random', 'prune.method'),
                            ('prune.sparsity', 1.5, 'prune.sparsity'),
                            ('prune.end_step', 0, None), ('distill.alpha', 2.0, 'distill.alpha'),
@@ -88,10 +88,10 @@ def test_config_validation_names_keys():
 
 @pytest.mark.parametrize('scan', [True, False])
 def test_structured_export_same_logits(scan):
-  from research.tasks import make_task
+  from research.recipe import compose_task
   c = smoke_config(**{'prune.method': 'structured', 'prune.sparsity': 0.5,
                       'model.scan_layers': scan, 'model.vocab_size': 259})
-  model = make_task(c).build_model()
+  model = compose_task(c).build_model()
   masks = prune.compute_masks(model, c.prune, 0.5)
   for path, mod in prune.masked_modules(model):
     mod.prune_mask[...] = masks[path].astype(mod.prune_mask[...].dtype)
@@ -160,9 +160,10 @@ def test_masks_keep_pruned_weights_exactly_zero(ablation_dir):
 
 
 def test_distillation_sharded_run(ablation_dir, tmp_path):
+  from research import recipe
   from research import sharding as shd
-  from research.tasks import make_task
-  from research.train import abstract_train_state, train
+  from research.recipe import run as train
+  from research.train_state import abstract_train_state
   teacher = os.path.join(ablation_dir, 'baseline')
   over = {'distill.teacher': teacher, 'distill.alpha': 0.9, 'distill.temperature': 2.0,
           'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2, 'model.d_model': 16,
@@ -182,10 +183,9 @@ def test_distillation_sharded_run(ablation_dir, tmp_path):
   assert json.load(open(os.path.join(work, 'teacher.json')))['teacher_params'] > 30_000
   # The teacher: sharded with the student's logical axes, outside the optimizer.
   c.model.vocab_size = 259
-  distill.prepare(c, work)
+  c, task, _ = recipe.compose(c, work, build_tokenizer=False)
   mesh = shd.mesh_from_config(c.mesh)
-  task = make_task(c)
-  ts = abstract_train_state(c, mesh, task.build_model, wrt=task.trainable)
+  ts = abstract_train_state(c, mesh, task)
   flat = {'/'.join(map(str, p)): v for p, v in nnx.to_flat_state(ts.shardings)}
   t_q = flat['0/teacher/blocks/attn/query/kernel']
   s_q = flat['0/blocks/attn/query/kernel']

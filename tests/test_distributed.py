@@ -45,7 +45,7 @@ def train_losses(workdir) -> dict[int, float]:
 def single_process_losses(workdir) -> dict[int, float]:
   """The reference: one process, 8 devices (this pytest process)."""
   import jax
-  from research.train import train
+  from research.recipe import run as train
   assert jax.device_count() == 8 and jax.process_count() == 1
   train(smoke_config(**OVERRIDES), str(workdir))
   return train_losses(workdir)

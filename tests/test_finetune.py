@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from research import runs
 from research.finetune import init as ft_init
 from tests.helpers import REPO, smoke_config
 
@@ -25,7 +26,7 @@ FT = {'task': 'classification', 'data.eval_fraction': 0.2, 'num_samples': 0, 'st
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
   """A smoke pretraining saved under a 2x2x2 (data, fsdp, tensor) mesh, steps 2 and 4."""
-  from research.train import train
+  from research.recipe import run as train
   wd = str(tmp_path_factory.mktemp('ft') / 'pretrain')
   train(smoke_config(**{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2, 'steps': 4,
                         'checkpoint_every': 2, 'eval_every': 4, 'eval_steps': 1,
@@ -36,16 +37,13 @@ def pretrained(tmp_path_factory):
 def _state_for(config, abstract=False):
   """(train state, task, mesh) of a fine-tuning config, as the trainer builds them
   (``abstract``: shapes and shardings only, nothing compiled or allocated)."""
+  from research import recipe
   from research import sharding as shd
-  from research.tasks import make_task
-  from research.train import abstract_train_state, create_train_state, resolve_vocab
-  if config.finetune.init_from:
-    ft_init.prepare(config, '/tmp/unused_workdir')
-  resolve_vocab(config, 259)
+  from research.train_state import abstract_train_state, create_train_state
+  config, task, _ = recipe.compose(config, build_tokenizer=False)
   mesh = shd.mesh_from_config(config.mesh)
-  task = make_task(config)
   make = abstract_train_state if abstract else create_train_state
-  return make(config, mesh, task.build_model, wrt=task.trainable), task, mesh
+  return make(config, mesh, task), task, mesh, config
 
 
 def _params(state) -> dict[str, np.ndarray]:
@@ -55,13 +53,13 @@ def _params(state) -> dict[str, np.ndarray]:
 
 def test_restore_onto_another_mesh_and_any_step(pretrained, tmp_path):
   src_cfg = smoke_config(**FT, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
-  src_ts, _, _ = _state_for(src_cfg, abstract=True)  # The mesh it was saved on.
-  src, _ = ft_init.restore_from_checkpoint(pretrained, -1, src_ts.state[0])
+  src_ts, *_ = _state_for(src_cfg, abstract=True)  # The mesh it was saved on.
+  src, _ = runs.restore_params(pretrained, -1, src_ts.state[0])
   assert src['embed/embedding'].sharding.mesh.shape['tensor'] == 2
   src = {p: np.asarray(a) for p, a in src.items()}
   c = smoke_config(**FT, **{'finetune.init_from': pretrained, 'mesh.data': 4, 'mesh.fsdp': 2})
-  ts, task, mesh = _state_for(c)
-  state = ft_init.initialize(c, ts, task, str(tmp_path))
+  ts, task, mesh, c = _state_for(c)
+  state = task.initialize(ts, str(tmp_path))
   got = _params(state[0])
   report = json.load(open(tmp_path / ft_init.REPORT))
   assert report['step'] == 4 and report['kind'] == 'checkpoint'
@@ -73,27 +71,27 @@ def test_restore_onto_another_mesh_and_any_step(pretrained, tmp_path):
   emb = state[0]['embed']['embedding'][...]
   assert dict(emb.sharding.mesh.shape) == dict(mesh.shape) and mesh.shape['fsdp'] == 2
   # An earlier step by finetune.init_step.
-  arrays, rep2 = ft_init.restore_from_checkpoint(pretrained, 2, ts.state[0])
+  arrays, rep2 = runs.restore_params(pretrained, 2, ts.state[0])
   assert rep2['step'] == 2
   assert not np.array_equal(np.asarray(arrays['embed/embedding']), src['embed/embedding'])
-  with pytest.raises(ft_init.InitError, match='init_step=3'):
-    ft_init.restore_from_checkpoint(pretrained, 3, ts.state[0])
+  with pytest.raises(runs.RunError, match='step 3 is not in'):
+    runs.restore_params(pretrained, 3, ts.state[0])
 
 
 def test_mismatched_shapes_are_a_clear_error(pretrained):
   c = smoke_config(**FT)
   c.model.d_model = 48  # Not the checkpoint's 32 (init_from unset: no arch copy).
-  ts, _, _ = _state_for(c, abstract=True)
-  with pytest.raises(ft_init.InitError, match=r'11 parameter\(s\) .* step 4 do not fit .*'
+  ts, *_ = _state_for(c, abstract=True)
+  with pytest.raises(runs.RunError, match=r'11 parameter\(s\) .* step 4 do not fit .*'
                      r'blocks/attn/key/kernel: source \(2, 32, 4, 8\) vs model \(2, 48, 4, 12\)'):
-    ft_init.restore_from_checkpoint(pretrained, -1, ts.state[0])
+    runs.restore_params(pretrained, -1, ts.state[0])
 
 
 @pytest.mark.parametrize('mode', ['linear_probe', 'lora'])
 def test_frozen_parameters_have_no_optimizer_state(mode):
   import math
   c = smoke_config(**FT, **{'finetune.mode': mode, 'finetune.lora_rank': 4})
-  ts, _, _ = _state_for(c, abstract=True)
+  ts, *_ = _state_for(c, abstract=True)
   size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
   model_state, opt_state = ts.state[0], ts.state[1]
   n_head = size(model_state['head'])
@@ -104,7 +102,7 @@ def test_frozen_parameters_have_no_optimizer_state(mode):
 
 
 def test_linear_probe_run_trains_only_the_head(pretrained, tmp_path):
-  from research.train import train
+  from research.recipe import run as train
   wd = str(tmp_path / 'probe')
   train(smoke_config(**FT, **{'finetune.init_from': pretrained,
                               'finetune.mode': 'linear_probe'}), wd)
@@ -117,9 +115,9 @@ def test_linear_probe_run_trains_only_the_head(pretrained, tmp_path):
   assert {'loss', 'accuracy', 'macro_f1', 'per_class'} <= set(last)
   assert len(last['per_class']) == 12 and 0 <= last['macro_f1'] <= 1
   assert set(last['per_class']['email']) == {'precision', 'recall', 'f1', 'support'}
-  ts, _, _ = _state_for(smoke_config(**FT), abstract=True)
-  src, _ = ft_init.restore_from_checkpoint(pretrained, -1, ts.state[0])
-  tuned, rep = ft_init.restore_from_checkpoint(wd, -1, ts.state[0])
+  ts, *_ = _state_for(smoke_config(**FT), abstract=True)
+  src, _ = runs.restore_params(pretrained, -1, ts.state[0])
+  tuned, rep = runs.restore_params(wd, -1, ts.state[0])
   assert rep['step'] == 2 and set(src) | {'head/kernel', 'head/bias'} == set(tuned)
   for p in src:  # The backbone did not move.
     np.testing.assert_array_equal(np.asarray(tuned[p]), np.asarray(src[p]), err_msg=p)
@@ -187,7 +185,7 @@ def test_sft_masks_only_the_response():
 
 
 def test_sft_lora_run_from_pretrained(pretrained, tmp_path):
-  from research.train import train
+  from research.recipe import run as train
   wd = str(tmp_path / 'sft')
   summary = train(smoke_config(**{**FT, 'task': 'sft', 'finetune.init_from': pretrained,
                                   'finetune.mode': 'lora', 'finetune.lora_rank': 2,
@@ -197,7 +195,8 @@ def test_sft_lora_run_from_pretrained(pretrained, tmp_path):
   assert all('lora_' in p for p in report['trainable']) and report['ignored'] == []
   assert np.isfinite(summary['final_eval_loss'])
   # Export merges the adapters: same logits as base + adapters, plain architecture.
-  from research.finetune.export import export, load_run_model
+  from research.finetune.export import export
+  from research.recipe import load_run_model
   from research.models import lora
   out = str(tmp_path / 'merged')
   assert export(wd, out)['merged_lora_modules'] == 7
@@ -209,9 +208,9 @@ def test_sft_lora_run_from_pretrained(pretrained, tmp_path):
   saved = json.load(open(os.path.join(out, 'config.json')))['config']
   assert saved['finetune']['mode'] == 'full'
   plain = smoke_config(**{**FT, 'task': 'sft', 'seq_len': 64})
-  ts, _, _ = _state_for(plain, abstract=True)  # The un-adapted architecture.
-  arrays, _ = ft_init.restore_from_checkpoint(out, -1, ts.state[0])
-  assert set(arrays) == set(ft_init._flat_params(ts.state[0]))
+  ts, *_ = _state_for(plain, abstract=True)  # The un-adapted architecture.
+  arrays, _ = runs.restore_params(out, -1, ts.state[0])
+  assert set(arrays) == set(runs.flat_params(ts.state[0]))
   assert not any('lora' in p for p in arrays)
   merged = lora.merge_lora(adapted)
   for p, a in arrays.items():
@@ -220,7 +219,7 @@ def test_sft_lora_run_from_pretrained(pretrained, tmp_path):
 
 
 def test_continued_lm_on_a_new_domain(pretrained, tmp_path):
-  from research.train import train
+  from research.recipe import run as train
   docs = tmp_path / 'domain'
   docs.mkdir()
   for i in range(6):

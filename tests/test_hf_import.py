@@ -118,7 +118,7 @@ def test_pytorch_bin_only_directory_is_told_to_convert(tmp_path):
 def test_finetune_classifier_from_hf_llama(tmp_path):
   """An HF directory as finetune.init_from: architecture from config.json, backbone
   loaded, lm_head ignored, a new head created and trained (linear probe)."""
-  from research.train import train
+  from research.recipe import run as train
   from tests.helpers import smoke_config
   path = str(tmp_path / 'llama')
   _llama(path)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from research.config import ConfigError, base_config
-from research.finetune import trainable_filter
+from research.finetune.feature import trainable_filter
 from research.models import lora
 from research.models.transformer import Transformer
 
@@ -74,12 +74,16 @@ def test_zero_init_then_merge_gives_same_logits(scan):
 
 
 def test_only_adapters_train_and_hold_optimizer_state():
-  from research.tasks.lm import lm_objective
-  from research.train import train_step
+  from research.step import train_step
+  from research.tasks.lm import lm_forward, lm_loss
+
+  def lm_objective(m, batch, deterministic):
+    return lm_loss(m, lm_forward(m, batch, deterministic), batch, deterministic)
+
   cfg = small_cfg()
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   lora.apply_lora(model, rank=4, alpha=8.0, targets=TARGETS)
-  wrt = trainable_filter('lora', has_head=False)
+  wrt = trainable_filter('lora')
   opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=wrt)
   n_lora = lora.count_lora_params(model)
   opt_leaves = [x for x in jax.tree.leaves(nnx.state(opt)) if getattr(x, 'ndim', 0) > 0]
@@ -119,7 +123,9 @@ def test_bad_targets_and_modes_are_clear_errors():
   model = Transformer(small_cfg(), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='matches no projection'):
     lora.apply_lora(model, rank=4, alpha=8.0, targets='nothing_like_this')
+  from research.feature_validation import validate_finetune
+  from tests.helpers import smoke_config
   with pytest.raises(ConfigError, match='linear_probe'):
-    trainable_filter('linear_probe', has_head=False)
+    validate_finetune(smoke_config(**{'finetune.mode': 'linear_probe'}))  # LM: no head.
   with pytest.raises(ConfigError, match='finetune.mode'):
-    trainable_filter('half', has_head=True)
+    validate_finetune(smoke_config(**{'finetune.mode': 'half'}))

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research import quant
-from research.config import ConfigError, base_config, validate_quant_config
+from research.config import ConfigError, base_config
+from research.feature_validation import validate_quant as validate_quant_config
+from research.quant import model_bytes as bytes_lib
+from research.quant import numerics, ptq, qat, rules
 from research.models.transformer import Transformer
 from tests.helpers import smoke_config
 
@@ -33,20 +35,20 @@ def test_symmetric_error_bound_per_channel_tensor_group(bits):
   x = jax.random.normal(jax.random.key(0), (64, 48)) * jnp.linspace(0.1, 3, 48)
   # Per-channel (contraction axis 0 shared, one scale per column).
   scale = jnp.abs(x).max(axis=0, keepdims=True) / QMAX[bits]
-  err = jnp.abs(quant.fake_quant(x, bits, axis=0) - x)
+  err = jnp.abs(numerics.fake_quant(x, bits, axis=0) - x)
   assert bool(jnp.all(err <= scale / 2 * (1 + 1e-4)))
-  levels = quant.fake_quant(x, bits, axis=0) / scale  # On the integer grid.
+  levels = numerics.fake_quant(x, bits, axis=0) / scale  # On the integer grid.
   np.testing.assert_allclose(levels, jnp.round(levels), atol=1e-3)
   assert float(jnp.abs(jnp.round(levels)).max()) <= 2 ** (bits - 1)
   # Per-tensor: one scale.
   t_scale = jnp.abs(x).max() / QMAX[bits]
-  assert bool(jnp.all(jnp.abs(quant.fake_quant(x, bits) - x) <= t_scale / 2 * (1 + 1e-4)))
+  assert bool(jnp.all(jnp.abs(numerics.fake_quant(x, bits) - x) <= t_scale / 2 * (1 + 1e-4)))
   # Per-group of 16 along the contraction axis: each group's own scale.
   g_scale = jnp.abs(x.reshape(4, 16, 48)).max(axis=1, keepdims=True) / QMAX[bits]
-  g_err = jnp.abs(quant.fake_quant(x, bits, axis=0, group_size=16) - x).reshape(4, 16, 48)
+  g_err = jnp.abs(numerics.fake_quant(x, bits, axis=0, group_size=16) - x).reshape(4, 16, 48)
   assert bool(jnp.all(g_err <= g_scale / 2 * (1 + 1e-4)))
   # Finer scales never hurt on average: group <= channel <= tensor.
-  e = [float(jnp.mean(jnp.square(quant.fake_quant(x, bits, **kw) - x)))
+  e = [float(jnp.mean(jnp.square(numerics.fake_quant(x, bits, **kw) - x)))
        for kw in (dict(axis=0, group_size=16), dict(axis=0), {})]
   assert e[0] <= e[1] <= e[2]
 
@@ -56,13 +58,13 @@ def test_asymmetric_error_bound_and_error_shrinks_with_bits():
   for bits in (8, 4):
     lo, hi = jnp.minimum(x.min(0), 0), jnp.maximum(x.max(0), 0)
     scale = (hi - lo) / (2 ** bits - 1)
-    err = jnp.abs(quant.fake_quant(x, bits, axis=0, symmetric=False) - x)
+    err = jnp.abs(numerics.fake_quant(x, bits, axis=0, symmetric=False) - x)
     assert bool(jnp.all(err <= scale * (1 + 1e-4)))  # Rounding + zero-point rounding.
-  errs = [float(jnp.abs(quant.fake_quant(x, b, axis=0) - x).max()) for b in (8, 4, 2)]
+  errs = [float(jnp.abs(numerics.fake_quant(x, b, axis=0) - x).max()) for b in (8, 4, 2)]
   assert errs[0] < errs[1] < errs[2]
   # Asymmetric uses the skewed range better than symmetric at 4 bits.
-  asym = float(jnp.mean(jnp.square(quant.fake_quant(x, 4, axis=0, symmetric=False) - x)))
-  sym = float(jnp.mean(jnp.square(quant.fake_quant(x, 4, axis=0) - x)))
+  asym = float(jnp.mean(jnp.square(numerics.fake_quant(x, 4, axis=0, symmetric=False) - x)))
+  sym = float(jnp.mean(jnp.square(numerics.fake_quant(x, 4, axis=0) - x)))
   assert asym < sym
 
 
@@ -72,11 +74,11 @@ def test_ste_gradient_is_identity_inside_clipping_range(clip):
   w = jax.random.normal(jax.random.key(3), (32, 24))
   g = jax.random.normal(jax.random.key(4), (16, 24))
   q = _q(mode='qat', weight_bits=4, clip_ratio=clip)
-  loss = lambda x, w: jnp.sum(quant.quantized_dot(x, w, q) * g)
+  loss = lambda x, w: jnp.sum(numerics.quantized_dot(x, w, q) * g)
   dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
   # The forward is the fake-quantized matmul...
-  wq = quant.fake_quant(w, 4, axis=0, clip_ratio=clip)
-  np.testing.assert_allclose(quant.quantized_dot(x, w, q), x @ wq, rtol=1e-5, atol=1e-5)
+  wq = numerics.fake_quant(w, 4, axis=0, clip_ratio=clip)
+  np.testing.assert_allclose(numerics.quantized_dot(x, w, q), x @ wq, rtol=1e-5, atol=1e-5)
   # ...and the weight gradient is the float one (d fake_quant / dw = 1) inside the clip
   # range, 0 outside it.
   inside = jnp.abs(w) <= clip * jnp.abs(w).max(axis=0, keepdims=True)
@@ -113,8 +115,8 @@ def test_integer_export_and_fake_quant_give_identical_logits(overrides, exact):
                       **{f'quant.{k}': v for k, v in overrides.items()}})
   model = _model(c)
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, 259, (2, 32)), jnp.int32)
-  fake = quant.quantize_for_training(model, c)(tokens)
-  int_model = quant.quantize_to_integers(model, c)
+  fake = qat.quantize_for_training(model, c)(tokens)
+  int_model = ptq.quantize_to_integers(model, c)
   ints = int_model(tokens)
   if exact:
     np.testing.assert_array_equal(np.asarray(fake), np.asarray(ints))
@@ -134,8 +136,8 @@ def test_integer_export_and_fake_quant_give_identical_logits(overrides, exact):
 def test_model_bytes_count_packed_integers_and_scales():
   c = smoke_config(**{'quant.mode': 'ptq', 'quant.init_from': 'x', 'quant.weight_bits': 4})
   model = _model(c)
-  float_bytes = quant.model_bytes(nnx.state(model, nnx.Param))
-  ints = quant.model_bytes(nnx.state(quant.quantize_to_integers(model, c)), c.quant)
+  float_bytes = bytes_lib.model_bytes(nnx.state(model, nnx.Param))
+  ints = bytes_lib.model_bytes(nnx.state(ptq.quantize_to_integers(model, c)), c.quant)
   d, f, layers = 32, 64, 2
   kernels = layers * (4 * d * d + 3 * d * f)
   assert ints['int_weights'] == kernels // 2  # 4 bits each.
@@ -152,7 +154,7 @@ def test_int8_export_runs_integer_matmuls(act_bits, int_dots):
   import re
   c = smoke_config(**{'quant.mode': 'ptq', 'quant.init_from': 'x', 'quant.weight_bits': 8,
                       'quant.act_bits': act_bits})
-  graphdef, state = nnx.split(quant.quantize_to_integers(_model(c), c))
+  graphdef, state = nnx.split(ptq.quantize_to_integers(_model(c), c))
   forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
   hlo = forward.lower(state, jnp.zeros((2, 16), jnp.int32)).compile().as_text()
   assert len(re.findall(r'= s32\[[^\]]*\]\{[^}]*\} dot\(', hlo)) == int_dots
@@ -174,7 +176,7 @@ def test_quant_config_errors_are_one_line():
   c = smoke_config(**{'quant.mode': 'qat', 'quant.granularity': 'group',
                       'quant.group_size': 24})
   with pytest.raises(ConfigError, match='quant.group_size=24 does not divide'):
-    quant.check_model(c)
+    rules.check_model(c)
 
 
 # --------------------------------------------------------------------------- runs
@@ -182,7 +184,7 @@ def test_quant_config_errors_are_one_line():
 
 @pytest.fixture(scope='module')
 def float_run(tmp_path_factory):
-  from research.train import train
+  from research.recipe import run as train
   d = tmp_path_factory.mktemp('quant') / 'float'
   train(smoke_config(**{'num_samples': 0, 'eval_steps': 2}), str(d))
   return d
@@ -192,7 +194,8 @@ def test_ptq_exports_integers_and_evaluates_from_them(float_run):
   d = float_run.parent / 'ptq'
   c = smoke_config(**{'quant.mode': 'ptq', 'quant.init_from': 'float', 'quant.weight_bits': 4,
                       'quant.act_bits': 8, 'num_samples': 0, 'eval_steps': 2})
-  res = quant.run(c, str(d))
+  from research import recipe
+  res = recipe.run(c, str(d))
   assert res['source'] == str(float_run)
   assert res['int_eval']['loss'] == res['fakequant_eval']['loss']  # Identical logits.
   assert res['int_eval']['loss'] != res['float_eval']['loss']
@@ -207,15 +210,16 @@ def test_ptq_exports_integers_and_evaluates_from_them(float_run):
 
 
 def test_qat_fine_tune_starts_from_float_weights(float_run):
+  from research import recipe
   from research import sharding as shd
-  from research.train import create_train_state
-  from research.tasks import make_task
+  from research.train_state import create_train_state
   c = smoke_config(**{'quant.mode': 'qat', 'quant.init_from': str(float_run)})
-  c.model.vocab_size = 259
+  c, task, _ = recipe.compose(c, build_tokenizer=False)
+  assert task.features == ('qat', 'quant_init')
   mesh = shd.mesh_from_config(c.mesh)
-  ts = create_train_state(c, mesh, make_task(c).build_model)
-  state = quant.init_state_from(c, str(float_run.parent / 'qat'), ts, mesh)
-  float_model, _ = quant.load_float_model(str(float_run), c, mesh)
+  ts = create_train_state(c, mesh, task)
+  state = task.initialize(ts, str(float_run.parent / 'qat'))
+  float_model, _, _ = recipe.load_run_model(str(float_run), mesh=mesh)
   loaded, fresh = nnx.state(float_model, nnx.Param), nnx.state(ts.state[0], nnx.Param)
   for (p, a), (_, b), (_, f) in zip(nnx.to_flat_state(state[0]), nnx.to_flat_state(loaded),
                                     nnx.to_flat_state(fresh)):
@@ -225,7 +229,7 @@ def test_qat_fine_tune_starts_from_float_weights(float_run):
 
 def test_qat_trains_under_sharding_like_data_parallel(tmp_path):
   """QAT on a (data 2, fsdp 2, tensor 2) mesh of 8 fake devices matches data-parallel."""
-  from research.train import train
+  from research.recipe import run as train
   assert jax.device_count() == 8
   common = {'quant.mode': 'qat', 'quant.act_bits': 8, 'num_samples': 0, 'eval_steps': 1}
   sharded = train(smoke_config(**common, **{'mesh.data': 2, 'mesh.fsdp': 2,
@@ -239,26 +243,26 @@ def test_qat_trains_under_sharding_like_data_parallel(tmp_path):
 
 
 def test_ablation_sweep_plan_and_table(tmp_path):
-  from research import sweep as sweep_lib
+  from research import config_files, sweep as sweep_lib
   from research.quant import ablation
   plan = sweep_lib.make_plan('experiments/qat/ablation.py:smoke=True', str(tmp_path),
                              seeds=None, extra_args=[], python='python')
   names = [r.overrides['name'] for r in plan.runs]
-  assert names[0] == 'float' and plan.runs[0].name == 'name=float'
+  assert names[0] == 'float' and plan.runs[0].label == 'name=float'
   assert {'qat-ft-w8a8', 'qat-scratch-w4', 'ptq-w4', 'ptq-w2', 'float-ft'} <= set(names)
-  module, arg = sweep_lib.load_config_module(plan.config)
+  module, arg = config_files.load_config_module(plan.config)
   configs = {r.name: ablation._config_for(module, arg, r) for r in plan.runs}
   for r in plan.runs:  # Every setting is valid.
     validate_quant_config(configs[r.name].quant)
-    quant.check_model(configs[r.name])
-  fake = {'name=float': ('none', 2.0, None), plan.runs[names.index('ptq-w4')].name:
+    rules.check_model(configs[r.name])
+  fake = {plan.runs[0].name: ('none', 2.0, None), plan.runs[names.index('ptq-w4')].name:
           ('ptq', 2.2, 2.0)}
   for r in plan.runs:
     if r.name in fake:
       mode, loss, src = fake[r.name]
       os.makedirs(r.workdir)
-      with open(os.path.join(r.workdir, quant.SUMMARY), 'w') as f:
-        json.dump({'setting': quant.describe(configs[r.name].quant), 'eval_loss': loss,
+      with open(os.path.join(r.workdir, ptq.SUMMARY), 'w') as f:
+        json.dump({'setting': rules.describe(configs[r.name].quant), 'eval_loss': loss,
                    'float_eval': {'loss': src or loss}, 'model_bytes': {'total': 100},
                    'float_model_bytes': 400}, f)
   text = ablation.write_table(str(tmp_path), plan, configs)

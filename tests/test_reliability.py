@@ -32,7 +32,7 @@ def test_nan_stop_names_step_and_parameter(tmp_path):
 
 
 def test_nan_skip_drops_the_update_and_counts_it(tmp_path):
-  from research.train import train
+  from research.recipe import run as train
   c = smoke_config(**{'nan_policy': 'skip', 'debug.inject_nan_at_step': 2,
                       'log_every': 1, 'steps': 4})
   summary = train(c, str(tmp_path))
@@ -43,14 +43,14 @@ def test_nan_skip_drops_the_update_and_counts_it(tmp_path):
 
 
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
-  from research.train import train
+  from research.recipe import run as train
   train(smoke_config(steps=3), str(tmp_path))
   with pytest.raises(CheckpointError, match='does not match'):
     train(smoke_config(steps=6, **{'model.d_model': 48}), str(tmp_path))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-  from research.train import train
+  from research.recipe import run as train
   train(smoke_config(steps=3), str(tmp_path))
   state_dir = os.path.join(tmp_path, 'checkpoints', '3', 'state')
   for root, _, files in os.walk(state_dir):

@@ -97,6 +97,7 @@ def runs(tmp_path_factory):
   arrays the 20 steps actually trained.
   """
   import research.train as train_lib
+  from research import recipe
   root = tmp_path_factory.mktemp('meshes')
   one = {}
   args = ['launch.train', '--config=experiments/pretrain/tiny.py:smoke=True',
@@ -117,7 +118,7 @@ def runs(tmp_path_factory):
     for name, mesh in MESHES.items():
       wd = str(root / name)
       # The DP run also checkpoints at step 10, for the cross-mesh resume test.
-      train_lib.train(_config(mesh, **({'checkpoint_every': 10} if name == 'dp' else {})), wd)
+      recipe.run(_config(mesh, **({'checkpoint_every': 10} if name == 'dp' else {})), wd)
       out[name] = wd
       shards[name] = _describe_shards(created.pop())
   thread.join()
@@ -175,12 +176,12 @@ def test_trained_params_and_adam_state_are_sharded(runs, name):
 def test_init_is_sharded_on_every_device_never_whole():
   """The jitted initializer's per-device output is the shard, not the full state."""
   from research.tasks import make_task
-  from research.train import _state_factory, abstract_train_state
+  from research.train_state import _state_factory, abstract_train_state
   c = _config(MESHES['fsdp'], **{'model.vocab_size': 259})
   mesh = shd.mesh_from_config(c.mesh)
   task = make_task(c)
-  ts = abstract_train_state(c, mesh, task.build_model)
-  create, _ = _state_factory(c, task.build_model, nnx.Param)
+  ts = abstract_train_state(c, mesh, task)
+  create, _ = _state_factory(c, task)
   with shd.use_mesh(mesh):
     compiled = jax.jit(lambda: nnx.state(create()), out_shardings=ts.shardings).lower().compile()
   mem = compiled.memory_analysis()
@@ -194,7 +195,7 @@ def test_init_is_sharded_on_every_device_never_whole():
 
 def test_checkpoint_from_one_mesh_resumes_on_another(runs, tmp_path):
   """Saved under DP (8,1,1) at step 10, resumed under (2,2,2): same losses 11..20."""
-  from research.train import train
+  from research.recipe import run as train
   wd = str(tmp_path / 'resumed')
   shutil.copytree(runs['dp'], wd)
   shutil.rmtree(os.path.join(wd, 'checkpoints', str(STEPS)))  # As if stopped at step 10.
@@ -209,7 +210,7 @@ def test_checkpoint_from_one_mesh_resumes_on_another(runs, tmp_path):
 def test_transpose_input_projections_train_the_same_under_fsdp_and_tp(runs, tmp_path):
   """model.projection_vjp='transpose_input' (its hand-written backward transposes
   sharded activations) under (2,2,2) gives the DP autodiff run's losses."""
-  from research.train import train
+  from research.recipe import run as train
   wd = str(tmp_path / 'transpose_input')
   train(_config(MESHES['dp2_fsdp2_tp2'], **{'model.projection_vjp': 'transpose_input'}), wd)
   ref, got = _losses(runs['dp']), _losses(wd)
@@ -236,7 +237,7 @@ def test_transpose_input_projections_train_the_same_under_fsdp_and_tp(runs, tmp_
      ['mesh.rules', "mesh axis 'fsdp'"]),
 ])
 def test_wrong_mesh_fails_before_compiling(tmp_path, overrides, needles):
-  from research.train import train
+  from research.recipe import run as train
   compiles = []
 
   def listener(event, duration, **kwargs):
@@ -268,10 +269,11 @@ def test_wrong_mesh_on_the_command_line_is_one_line():
 
 
 def test_rules_from_config_override_one_row():
-  from research.train import abstract_train_state
+  from research.tasks import make_task
+  from research.train_state import abstract_train_state
   c = _config((1, 8, 1), **{'model.vocab_size': 259, 'mesh.rules': 'embed=none, mlp=tensor'})
   mesh = shd.mesh_from_config(c.mesh)
-  ts = abstract_train_state(c, mesh)
+  ts = abstract_train_state(c, mesh, make_task(c))
   query = ts.state[0]['blocks']['attn']['query']['kernel']
   query = query.get_value() if isinstance(query, nnx.Variable) else query
   assert query.sharding.is_fully_replicated  # FSDP on weights switched off...

@@ -18,7 +18,7 @@ def _rows(workdir, split='train'):
 
 
 def test_run_writes_output_contract(tmp_path):
-  from research.train import train
+  from research.recipe import run as train
   wd = str(tmp_path / 'run')
   summary = train(smoke_config(), wd)
   cfg = json.load(open(os.path.join(wd, 'config.json')))
@@ -46,7 +46,7 @@ def test_run_writes_output_contract(tmp_path):
 
 
 def test_loss_goes_down(tmp_path):
-  from research.train import train
+  from research.recipe import run as train
   c = smoke_config(steps=40, log_every=5, eval_every=40, checkpoint_every=40,
                    **{'optimizer.learning_rate': 1e-2, 'optimizer.warmup_steps': 5})
   train(c, str(tmp_path))
@@ -58,7 +58,7 @@ def test_loss_goes_down(tmp_path):
 
 def test_resume_is_bitwise_exact(tmp_path):
   """Stopped after K steps and resumed == uninterrupted, bitwise, no duplicate rows."""
-  from research.train import train
+  from research.recipe import run as train
   c = smoke_config(steps=8, log_every=1, eval_every=4, checkpoint_every=100,
                    **{'model.dropout': 0.1})
   full = str(tmp_path / 'full')
@@ -109,6 +109,6 @@ def test_unknown_key_and_unwritable_workdir(tmp_path):
 
 
 def test_tokenizer_larger_than_model_vocab(tmp_path):
-  from research.train import train
+  from research.recipe import run as train
   with pytest.raises(ConfigError, match='model.vocab_size'):
     train(smoke_config(**{'model.vocab_size': 100}), str(tmp_path))

@@ -107,29 +107,26 @@ def _dense_bytes(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def _eval_export(export_dir: str) -> dict[str, float]:
-  from research import quant
+  from research import recipe
   from research import sharding as shd
   from research.data import tokenizers
-  from research.finetune.export import load_run_model
+  from research.evaluate import evaluate_model
   from research.tasks import make_task
-  model, config, _ = load_run_model(export_dir)
+  model, config, _ = recipe.load_run_model(export_dir)
   mesh = shd.mesh_from_config(config.mesh)
-  rules = shd.rules_from_config(config.mesh)
   tokenizer = tokenizers.make_tokenizer(config.data, export_dir)
-  with shd.use_mesh(mesh, rules):
-    return quant._eval(config, make_task(config), tokenizer, model,  # pylint: disable=protected-access
-                       shd.named(mesh, ('batch', 'seq'), rules))
+  return evaluate_model(config, make_task(config), tokenizer, model, mesh)
 
 
 def execute(workdir: str, runs) -> dict[str, str]:
   """Runs what is not finished; returns {name: 'ok' | 'failed: ...'}."""
-  from research import quant
+  from research import recipe
   from research.compress import export as export_lib
-  from research.train import train
+  from research.quant import ptq
   status = {}
   for name, kind, config in runs:
     d = os.path.join(workdir, name)
-    done = os.path.join(d, quant.SUMMARY if kind == 'ptq' else 'summary.json')
+    done = os.path.join(d, ptq.SUMMARY if kind == 'ptq' else 'summary.json')
     if os.path.exists(done):
       status[name] = 'ok'
       continue
@@ -137,9 +134,9 @@ def execute(workdir: str, runs) -> dict[str, str]:
     t = time.time()
     try:
       if kind == 'ptq':
-        quant.run(config, d)
+        recipe.quantize(config, d)
       else:
-        train(config, d)
+        recipe.run(config, d)
       status[name] = 'ok'
       _log(f'{name} done in {time.time() - t:.0f} s')
     except Exception as e:  # pylint: disable=broad-except
@@ -162,14 +159,14 @@ def execute(workdir: str, runs) -> dict[str, str]:
 
 
 def rows(workdir: str, runs, status: dict[str, str]) -> list[dict[str, Any]]:
-  from research import quant
+  from research.quant import ptq
   out = []
   for name, kind, config in runs:
     d = os.path.join(workdir, name)
     row = {'name': name, 'status': status.get(name, 'missing'), 'loss': None,
            'params': None, 'bytes': None, 'notes': ''}
     if kind == 'ptq':
-      q = _read_json(os.path.join(d, quant.SUMMARY))
+      q = _read_json(os.path.join(d, ptq.SUMMARY))
       row.update(method=f'PTQ int{config.quant.weight_bits} weight-only '
                  f'({config.quant.granularity})', loss=q.get('eval_loss'),
                  bytes=(q.get('model_bytes') or {}).get('total'))

@@ -15,11 +15,12 @@ they are in the state the trainer shards (by their logical axes, like the studen
 passes through the jitted step and checkpoints (an exact resume needs no teacher path).
 The teacher runs deterministically under ``stop_gradient``. Its weights are loaded by
 :func:`initialize` on a fresh start (Orbax partial restore straight into the target
-shardings, via research/finetune/init.py's helpers).
+shardings, :func:`research.runs.restore_params`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -27,11 +28,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import logging
 from flax import nnx
 
-from research.config import ConfigError
+from research import runs
+from research.config import ConfigError, base_config
 
 
 class TeacherParam(nnx.Variable):
@@ -66,103 +67,54 @@ def distill_loss(student_logits: jax.Array, teacher_logits: jax.Array, hard_loss
   return loss, kl_mean
 
 
-def _lm_forward(model, batch, deterministic):
-  return model(batch['inputs'], deterministic=deterministic)
-
-
-def _cls_forward(model, batch, deterministic):
-  return model(batch['inputs'], mask_BL=batch['input_mask'],
-               deterministic=deterministic).astype(jnp.float32)
-
-
-def distill_objective(base_objective: Callable, kind: str, alpha: float, temperature: float,
-                      z_loss: float, model, batch, deterministic: bool, **kw):
-  """The task's objective in evaluation; the mixed distillation loss in training."""
+def distill_loss_fn(base_loss: Callable, base_forward: Callable, weights: Callable,
+                    alpha: float, temperature: float, model, outputs, batch,
+                    deterministic: bool):
+  """The task's loss in evaluation; in training the task's loss mixed with the KL to the
+  teacher's logits (``model.teacher`` run deterministically by the task's forward)."""
+  hard, aux = base_loss(model, outputs, batch, deterministic)
   if deterministic:
-    return base_objective(model, batch, deterministic, **kw)
-  teacher = model.teacher
-  forward = _lm_forward if kind == 'lm' else _cls_forward
-  t_logits = jax.lax.stop_gradient(forward(teacher, batch, True))
-  s_logits = forward(model, batch, False)
-  if kind == 'lm':
-    from research.models import loss as loss_lib
-    hard, aux0 = loss_lib.lm_loss(s_logits, batch['targets'], batch['mask'], z_loss)
-    weights = batch['mask']
-    aux = {'loss': aux0['ce'], 'z_loss': aux0['z_loss']}
-  else:
-    labels = batch['label'][:, 0].astype(jnp.int32)
-    weights = batch['mask'][:, 0].astype(jnp.float32)
-    denom = jnp.maximum(weights.sum(), 1.0)
-    ce = optax.softmax_cross_entropy_with_integer_labels(s_logits, labels)
-    hard = jnp.where(weights > 0, ce, 0.0).sum() / denom
-    acc = jnp.where(weights > 0, (jnp.argmax(s_logits, -1) == labels).astype(jnp.float32),
-                    0.0).sum() / denom
-    aux = {'loss': hard, 'accuracy': acc}
-  loss, kl = distill_loss(s_logits, t_logits, hard, weights, alpha=alpha,
+    return hard, aux
+  t_logits = jax.lax.stop_gradient(base_forward(model.teacher, batch, True))
+  loss, kl = distill_loss(outputs, t_logits, hard, weights(batch), alpha=alpha,
                           temperature=temperature)
-  aux.update(distill_kl=kl, distill_loss=loss)
-  return loss, aux
-
-
-def make_objective(task, config: ml_collections.ConfigDict) -> Callable:
-  import functools
-  d = config.distill
-  return functools.partial(distill_objective, task.objective, task.name, float(d.alpha),
-                           float(d.temperature), float(config.loss.z_loss))
+  return loss, {**aux, 'distill_kl': kl, 'distill_loss': loss}
 
 
 # --------------------------------------------------------------------------- teacher
 
 
-def resolve_teacher(path: str, workdir: str) -> str:
-  """``distill.teacher`` -> an absolute directory (relative: to workdir's parent)."""
-  from research.checkpoint import resolve_run_dir
-  return resolve_run_dir(path, workdir)
+NAME = 'distill'
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Resolves ``distill.teacher`` (in place) and trains it first if ``teacher_config``
-  is set and the teacher run has not finished (file-locked, like finetune's pretraining).
-  """
-  from research.compress import distill_active, validate_compress_config
-  validate_compress_config(config)
-  if not distill_active(config):
-    return
+def prepare(config: ml_collections.ConfigDict, workdir: str | None, ctx) -> None:
+  """Resolves ``distill.teacher`` (in place; relative: to the workdir's parent), trains
+  it first if ``teacher_config`` is set and the teacher has not finished, and checks the
+  teacher fits the student (before anything is compiled)."""
   d = config.distill
-  d.teacher = resolve_teacher(d.teacher, workdir)
-  if d.teacher_config:
-    from research.finetune import init as ft_init
-    proxy = ml_collections.ConfigDict({'finetune': {
-        'pretrain_config': d.teacher_config, 'init_from': d.teacher, 'pretrain_overrides': ()}})
-    ft_init.ensure_pretrained(proxy)
+  d.teacher = runs.resolve(d.teacher, workdir)
+  ctx.ensure_trained(d.teacher, d.teacher_config, (), 'distill.teacher_config')
   if not os.path.isdir(d.teacher):
     raise ConfigError(f'distill.teacher={d.teacher!r} does not exist; train the teacher '
                       f'there first or set distill.teacher_config=FILE[:arg].')
-  teacher_config(config)  # Fails now (before compiling) if the teacher does not fit.
-
-
-def _is_hf(path: str) -> bool:
-  from research.models import hf_import
-  return hf_import.is_hf_checkpoint(path)
+  teacher_config(config)
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The teacher's run config (today's schema), compression/quantization off, the
   student's mesh; checks vocabulary and task against the student."""
-  from research.config import base_config
   path = config.distill.teacher
-  if _is_hf(path):
+  if runs.is_hf_dir(path):
     from research.models import hf_import
     tcfg = base_config()
     for k, v in hf_import.model_config(path).items():
       tcfg.model[k] = v
     tcfg.task = 'lm'
   else:
-    from research.finetune.export import _run_config
-    if not os.path.exists(os.path.join(path, 'config.json')):
-      raise ConfigError(f'distill.teacher={path!r} has no config.json; point it at a '
-                        f'training run\'s --workdir (or an HF checkpoint directory).')
-    tcfg = _run_config(path)
+    if not runs.is_run_dir(path):
+      raise ConfigError(f'distill.teacher={path!r} has no config.json of a run; point it '
+                        f'at a training run\'s --workdir (or an HF checkpoint directory).')
+    tcfg = runs.read_config(path)
   tcfg.distill.teacher, tcfg.distill.teacher_config = '', ''
   tcfg.prune.method = 'none'
   tcfg.quant.mode, tcfg.quant.init_from = 'none', ''
@@ -189,39 +141,52 @@ def _freeze(module: nnx.Module) -> nnx.Module:
   return module
 
 
-def build_teacher(config: ml_collections.ConfigDict) -> nnx.Module:
-  """The teacher module (random weights; :func:`initialize` loads them), frozen."""
-  from research.tasks import make_task
+def build_teacher(config: ml_collections.ConfigDict, compose: Callable) -> nnx.Module:
+  """The teacher module (random weights; :func:`initialize` loads them), frozen.
+
+  ``compose(config) -> Task`` is the recipe's composition, so a teacher is built as its
+  own run built it (LoRA modules included).
+  """
   tcfg = teacher_config(config)
-  if _is_hf(config.distill.teacher):
+  if runs.is_hf_dir(config.distill.teacher):
     from research.models.transformer import Transformer
     model = Transformer(tcfg.model, rngs=nnx.Rngs(0))
   else:
-    model = make_task(tcfg).build_model()
+    model = compose(tcfg).build_model()
   return _freeze(model)
 
 
-def build_with_teacher(build: Callable[[], nnx.Module], config: ml_collections.ConfigDict
-                       ) -> nnx.Module:
+def build_with_teacher(build: Callable[[], nnx.Module], config: ml_collections.ConfigDict,
+                       compose: Callable) -> nnx.Module:
   model = build()
-  model.teacher = build_teacher(config)
+  model.teacher = build_teacher(config, compose)
   return model
+
+
+def wrap(task, config: ml_collections.ConfigDict, ctx):
+  """The student's task with the teacher in its model and the mixed loss in training."""
+  d = config.distill
+  loss = functools.partial(distill_loss_fn, task.loss, task.forward, task.weights,
+                           float(d.alpha), float(d.temperature))
+  return task.wrapped(
+      NAME, loss=loss,
+      build_model=functools.partial(build_with_teacher, task.build_model, config, ctx.compose),
+      initialize=task.then_initialize(functools.partial(initialize, config)))
 
 
 def initialize(config: ml_collections.ConfigDict, ts, workdir: str):
   """Loads the teacher's weights into ``ts.state`` (fresh start); returns the state."""
-  from research.finetune import init as ft_init
   path = config.distill.teacher
   flat = list(nnx.to_flat_state(ts.state))
   prefix = (0, 'teacher')
   teacher = [(p[2:], v) for p, v in flat if tuple(p[:2]) == prefix
              and isinstance(v, TeacherParam)]
   as_params = nnx.from_flat_state([(p, nnx.Param(v.get_value())) for p, v in teacher])
-  if _is_hf(path):
-    arrays, report = ft_init.restore_from_hf(path, teacher_config(config).model, as_params)
+  if runs.is_hf_dir(path):
+    arrays, report = runs.restore_hf_params(path, teacher_config(config).model, as_params)
   else:
-    arrays, report = ft_init.restore_from_checkpoint(path, config.distill.teacher_step,
-                                                     as_params)
+    arrays, report = runs.restore_params(path, config.distill.teacher_step, as_params,
+                                         what='distill.teacher')
   names = ['/'.join(map(str, p)) for p, _ in teacher]
   missing = sorted(set(names) - set(arrays))
   if missing:
@@ -249,5 +214,3 @@ def teacher_params(model: nnx.Module) -> int:
   return sum(int(v.size) for _, v in nnx.to_flat_state(nnx.state(model, TeacherParam)))
 
 
-__all__: list[Any] = ['TeacherParam', 'soft_kl', 'distill_loss', 'distill_objective',
-                      'prepare', 'initialize', 'build_with_teacher', 'teacher_config']

@@ -10,7 +10,7 @@ neurons. Kernels (and biases) are gathered per layer, so the small model compute
 same function as the masked one (checked here on a batch: ``max_abs_logit_diff``).
 DIR is a run of its own (``config.json``, ``checkpoints/<step>/`` with the model only,
 ``summary.json`` with parameter counts and bytes), loadable with
-``research.finetune.export.load_run_model(DIR)`` and usable as ``finetune.init_from``.
+``research.recipe.load_run_model(DIR)`` and usable as ``finetune.init_from``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def param_bytes(model: nnx.Module) -> dict[str, int]:
 
 def load_pruned_model(workdir: str, step: int = -1):
   """(model with its restored masks, config, step) of a pruning run."""
-  from research.finetune.export import load_run_model
-  model, config, step = load_run_model(workdir, step, variables=(nnx.Param, prune.PruneMask))
+  from research import recipe
+  model, config, step = recipe.load_run_model(workdir, step,
+                                              variables=(nnx.Param, prune.PruneMask))
   if config.prune.method == 'none':
     raise ConfigError(f'{workdir} is not a pruning run (prune.method=none).')
   return model, config, step

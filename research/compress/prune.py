@@ -31,6 +31,7 @@ Methods (``prune.method``):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -229,11 +230,10 @@ def apply_masks(model: nnx.Module) -> None:
     mod.kernel[...] = mod.kernel[...] * mod.prune_mask[...].astype(mod.kernel.dtype)
 
 
-def masked_objective(objective: Callable, p: ml_collections.ConfigDict, model, batch,
-                     deterministic: bool, **kw):
-  del p
+def masked_forward(forward: Callable, model, batch, deterministic: bool):
+  """The task's forward pass on the masked kernels (pruned weights get no gradient)."""
   apply_masks(model)
-  return objective(model, batch, deterministic, **kw)
+  return forward(model, batch, deterministic)
 
 
 def compute_masks(model: nnx.Module, p: ml_collections.ConfigDict, sparsity
@@ -274,6 +274,23 @@ def post_update(p: ml_collections.ConfigDict, model: nnx.Module, step) -> None:
   for path, mod in mods.items():
     mod.prune_mask[...] = masks[path]
     mod.kernel[...] = mod.kernel[...] * masks[path].astype(mod.kernel.dtype)
+
+
+# --------------------------------------------------------------------------- wrapper
+
+NAME = 'prune'
+
+
+def wrap(task, config: ml_collections.ConfigDict, ctx):
+  """The task with masks beside its pruned kernels, applied before the forward pass and
+  after every optimizer update, and the sparsity report at the end."""
+  del ctx
+  p = config.prune
+  return task.wrapped(
+      NAME, build_model=functools.partial(build_with_masks, task.build_model, p),
+      forward=functools.partial(masked_forward, task.forward),
+      post_update=task.then_post_update(functools.partial(post_update, p)),
+      at_end=task.then_at_end(functools.partial(at_end, p)))
 
 
 # --------------------------------------------------------------------------- report

@@ -275,3 +275,10 @@ def make_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | None) -> 
     return SentencePieceTokenizer.load(path)
   tok.save(path)
   return tok
+
+
+def declared_vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
+  """The vocabulary ``data.*`` declares, without training a tokenizer (AOT planning)."""
+  if data_cfg.tokenizer == 'sentencepiece':
+    return int(data_cfg.spm_vocab_size)
+  return ByteTokenizer().vocab_size

@@ -3,7 +3,7 @@
 Training runs (float, QAT) are ``python -m launch.train`` subprocesses run by
 :mod:`research.sweep` (runs without ``quant.init_from`` first, so the float checkpoint
 exists before the runs that start from it). PTQ runs and the integer export of every
-trained run happen in this process (:func:`research.quant.run`). The table compares
+trained run happen in this process (:func:`research.recipe.quantize`). The table compares
 each run with its float reference: PTQ with the float model it quantized, QAT
 fine-tuning with the float model continued-trained the same steps (``mode='none'``
 with the same ``quant.init_from``), QAT from scratch with the float run of the same
@@ -18,7 +18,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-from research import quant
+from research import config_files, recipe
+from research.quant import ptq
 from research import sweep as sweep_lib
 from research.config import override
 
@@ -43,7 +44,7 @@ def run_ablation(config_arg: str, workdir: str, *, parallel: int = 1,
                              python=sys.executable)
   selected = sweep_lib.select(plan.runs, list(only))
   sweep_lib.write_plan(plan, workdir)
-  module, arg = sweep_lib.load_config_module(config_arg)
+  module, arg = config_files.load_config_module(config_arg)
   configs = {r.name: _config_for(module, arg, r) for r in plan.runs}
   modes = {name: c.quant.mode for name, c in configs.items()}
   train_runs = [r for r in selected if modes[r.name] != 'ptq']
@@ -52,7 +53,7 @@ def run_ablation(config_arg: str, workdir: str, *, parallel: int = 1,
   for group in (first, later):
     sweep_lib.execute(group, parallel=parallel, log=_log)
   for r in selected:
-    done = os.path.exists(os.path.join(r.workdir, quant.SUMMARY))
+    done = os.path.exists(os.path.join(r.workdir, ptq.SUMMARY))
     if done:
       continue
     if modes[r.name] != 'ptq' and not sweep_lib.is_finished(r):
@@ -60,7 +61,7 @@ def run_ablation(config_arg: str, workdir: str, *, parallel: int = 1,
       continue
     _log(f'{"PTQ" if modes[r.name] == "ptq" else "export"}: {r.name}')
     try:
-      quant.run(configs[r.name], r.workdir)
+      recipe.quantize(configs[r.name], r.workdir)
     except Exception as e:  # pylint: disable=broad-except
       _log(f'failed: {r.name}: {type(e).__name__}: {" ".join(str(e).split())[:300]}')
   sweep_lib.collect(workdir, plan)
@@ -79,7 +80,7 @@ def table_rows(workdir: str, plan: sweep_lib.Plan, configs) -> list[dict[str, An
   """One dict per run with a quant_summary.json (loss, reference, bytes...)."""
   rows = []
   for r in plan.runs:
-    s = sweep_lib.read_json(os.path.join(r.workdir, quant.SUMMARY))
+    s = sweep_lib.read_json(os.path.join(r.workdir, ptq.SUMMARY))
     if not s:
       continue
     c = configs[r.name]

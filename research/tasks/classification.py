@@ -31,12 +31,11 @@ from absl import logging
 from flax import nnx
 from flax.core import spmd
 
-from research.config import ConfigError
+from research.config import POOLINGS, ConfigError
 from research.data import examples, sources
 from research.data.tokenizers import Tokenizer
 from research.models.layers import normal_init
 from research.models.transformer import Transformer
-from research.finetune import POOLINGS  # ('last', 'mean', 'first')
 from research.tasks import Task
 
 
@@ -94,12 +93,22 @@ class SequenceClassifier(Transformer):
 # --------------------------------------------------------------------------- objective
 
 
-def classification_objective(model, batch, deterministic: bool):
+def classification_forward(model, batch, deterministic: bool):
+  """Class logits [B, K] in float32."""
+  return model(batch['inputs'], mask_BL=batch['input_mask'],
+               deterministic=deterministic).astype(jnp.float32)
+
+
+def example_weights(batch) -> jax.Array:
+  """1 for a real example, 0 for a padding row of a finite eval pass: [B]."""
+  return batch['mask'][:, 0].astype(jnp.float32)
+
+
+def classification_loss(model, logits_BK, batch, deterministic: bool):
   """Mean cross-entropy over real examples; eval also returns the confusion matrix."""
-  logits_BK = model(batch['inputs'], mask_BL=batch['input_mask'],
-                    deterministic=deterministic).astype(jnp.float32)
+  del model
   labels_B = batch['label'][:, 0].astype(jnp.int32)
-  w_B = batch['mask'][:, 0].astype(jnp.float32)
+  w_B = example_weights(batch)
   denom = jnp.maximum(w_B.sum(), 1.0)
   ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BK, labels_B)
   loss = jnp.where(w_B > 0, ce_B, 0.0).sum() / denom
@@ -284,6 +293,7 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     return SequenceClassifier(config.model, num_classes=k, pooling=config.finetune.pooling,
                               rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
 
-  return Task(name='classification', objective=classification_objective,
+  return Task(name='classification', forward=classification_forward,
+              loss=classification_loss, weights=example_weights,
               make_iterator=make_classification_iterator, build_model=build,
               finalize_eval=make_finalize(names), decode_samples=False)

@@ -26,14 +26,12 @@ from typing import Sequence
 
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from research.config import ConfigError
 from research.data import examples, sources
 from research.data.tokenizers import Tokenizer
-from research.models.transformer import Transformer
 from research.tasks import Task
-from research.tasks.lm import lm_objective
+from research.tasks.lm import build_transformer, lm_task_fns
 
 
 def _jsonl_pairs(config: ml_collections.ConfigDict, split: str) -> list[tuple[str, str]]:
@@ -128,8 +126,6 @@ def make_sft_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, s
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:
-  def build():
-    return Transformer(config.model, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-
-  return Task(name='sft', objective=functools.partial(lm_objective, z_loss=config.loss.z_loss),
-              make_iterator=make_sft_iterator, build_model=build, decode_samples=True)
+  return Task(name='sft', make_iterator=make_sft_iterator,
+              build_model=functools.partial(build_transformer, config), decode_samples=True,
+              **lm_task_fns(config))

@@ -1,0 +1,64 @@
+"""Train rows are window means; a resume with another model/data/batch is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from research.config import ConfigError
+from tests.helpers import smoke_config
+
+
+def _rows(workdir, split='train'):
+  from research.metrics import read_metrics
+  return [r for r in read_metrics(workdir) if r['split'] == split]
+
+
+def test_train_rows_are_window_means_and_hparams_are_written(tmp_path):
+  from research import recipe
+  every = str(tmp_path / 'every')
+  recipe.run(smoke_config(log_every=1, eval_steps=0, num_samples=0), every)
+  windowed = str(tmp_path / 'windowed')
+  recipe.run(smoke_config(log_every=3, eval_steps=0, num_samples=0), windowed)
+  per_step = {r['step']: r['loss'] for r in _rows(every)}
+  rows = _rows(windowed)
+  assert [r['step'] for r in rows] == [3, 6]
+  for r in rows:
+    window = [per_step[s] for s in range(r['step'] - 2, r['step'] + 1)]
+    assert r['loss_window'] == 3
+    np.testing.assert_allclose(r['loss'], np.mean(window), rtol=1e-6)
+    assert r['last_step_loss'] == per_step[r['step']]
+  hparams = os.path.join(windowed, 'tensorboard', 'hparams')  # TensorBoard's HPARAMS tab.
+  assert os.path.isdir(hparams) and os.listdir(hparams)
+
+
+@pytest.mark.parametrize('change, key', [
+    ({'data.source': 'text_files'}, 'data.source'),
+    ({'batch_size': 16}, 'batch_size'),
+    ({'model.d_model': 64}, None),  # Another model: the restore itself refuses it.
+])
+def test_resume_with_another_run_is_one_line_and_keeps_config(tmp_path, change, key):
+  from research import recipe
+  from research.runtime import UserError
+  wd = str(tmp_path / 'run')
+  base = smoke_config(steps=6, num_samples=0)
+  recipe.run(base, wd, stop_at_step=3)
+  before = open(os.path.join(wd, 'config.json')).read()
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text('some text of another corpus\n' * 400)
+  over = dict(change)
+  if over.get('data.source') == 'text_files':
+    over['data.path'] = str(corpus)
+  with pytest.raises(UserError) as e:
+    recipe.run(smoke_config(steps=6, num_samples=0, **over), wd)
+  msg = str(e.value)
+  assert '\n' not in msg and '--workdir' in msg, msg
+  if key:
+    assert isinstance(e.value, ConfigError) and key in msg and 'resume_check=False' in msg
+  assert open(os.path.join(wd, 'config.json')).read() == before
+  if key == 'batch_size':  # The override resumes anyway.
+    out = recipe.run(smoke_config(steps=6, num_samples=0, resume_check=False, **over), wd)
+    assert out['resumed_from_step'] == 3
