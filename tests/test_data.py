@@ -26,6 +26,20 @@ def cfg(**overrides):
   return c
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _token_cache(tmp_path_factory):
+  """Token stores of this module's sources go to a temporary cache, not ~/.cache."""
+  old = os.environ.get('RESEARCH_DATA_CACHE')
+  os.environ['RESEARCH_DATA_CACHE'] = str(tmp_path_factory.mktemp('token_cache'))
+  pipeline._STORES.clear()
+  yield
+  if old is None:
+    os.environ.pop('RESEARCH_DATA_CACHE', None)
+  else:
+    os.environ['RESEARCH_DATA_CACHE'] = old
+  pipeline._STORES.clear()
+
+
 def take(it, n):
   return [next(it) for _ in range(n)]
 
@@ -275,6 +289,25 @@ def test_tfds_processes_read_and_tokenize_disjoint_documents():
     assert not np.array_equal(next(its[0])['inputs'], next(its[1])['inputs'])
 
 
+def test_tfds_prepared_into_a_store_streams_globally(tmp_path):
+  """launch.prepare_data also takes a TFDS source: then the order is global again."""
+  import tensorflow_datasets as tfds
+  from research.data import token_store
+  texts = random_texts([500, 300, 700, 90], seed=5)
+  with tfds.testing.mock_data(as_data_source_fn=mock_source(texts)):
+    m = token_store.prepare(tfds_cfg().data, BYTES, str(tmp_path / 's'))
+  assert m['source']['split_mode'] == 'splits' and m['source']['train_examples'] == 4
+  for split in ('train', 'eval'):
+    np.testing.assert_array_equal(
+        token_store.open_split(str(tmp_path / 's'), split, BYTES).tokens(),
+        BYTES.encode_documents(texts))
+  c = cfg(**{'data.source': 'tokens', 'data.path': str(tmp_path / 's')})
+  one = next(pipeline.make_lm_iterator(c, BYTES, 'train', batch_size_per_process=4))
+  two = [next(pipeline.make_lm_iterator(c, BYTES, 'train', batch_size_per_process=2,
+                                        process_index=p, process_count=2)) for p in range(2)]
+  np.testing.assert_array_equal(one['inputs'], np.concatenate([b['inputs'] for b in two]))
+
+
 def test_tfds_offline_not_prepared_error_is_fast_and_helpful(tmp_path):
   c = tfds_cfg(**{'data.tfds_data_dir': str(tmp_path / 'tfds')})
   t0 = time.perf_counter()
@@ -433,17 +466,17 @@ def test_eval_over_the_whole_split_or_a_token_budget_is_independent_of_batch_siz
   from flax import nnx
   from research import evaluate as eval_lib
   from research.models.transformer import Transformer
-  c = files_cfg(text_dir, seq_len=32)
+  c = files_cfg(text_dir, seq_len=64, **{'data.eval_fraction': 0.1})
   c.model.update(vocab_size=BYTES.vocab_size, d_model=32, num_heads=4, mlp_dim=64,
-                 max_seq_len=32, num_layers=1)
+                 max_seq_len=64, num_layers=1)
   fn, state = _eval_fn(Transformer(c.model, rngs=nnx.Rngs(0)))
   ts = types.SimpleNamespace(state=state)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   n_eval = len(pipeline.token_stream(c.data, BYTES, 'eval'))
 
   def run(batch_size, eval_tokens, eval_steps=10):
-    cc = files_cfg(text_dir, seq_len=32, batch_size=batch_size, eval_tokens=eval_tokens,
-                   eval_steps=eval_steps)
+    cc = files_cfg(text_dir, seq_len=64, batch_size=batch_size, eval_tokens=eval_tokens,
+                   eval_steps=eval_steps, **{'data.eval_fraction': 0.1})
     return eval_lib.evaluate(cc, _EvalTask, BYTES, fn, ts, sharding, 0, 1)
 
   whole = [run(b, -1) for b in (4, 8)]
@@ -454,4 +487,5 @@ def test_eval_over_the_whole_split_or_a_token_budget_is_independent_of_batch_siz
   np.testing.assert_allclose([r['loss'] for r in budget], budget[0]['loss'], rtol=1e-6)
   assert abs(budget[0]['loss'] - whole[0]['loss']) > 1e-6  # A prefix, not the split.
   legacy = run(4, 0, eval_steps=2)  # Default: the first eval_steps batches.
-  assert legacy['num_tokens'] == 2 * 4 * 32
+  assert legacy['num_tokens'] == 2 * 4 * 64
+  assert n_eval > 2000
