@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from research.data.iterator_state import GlobalStateIterator
+
 
 class _ProcessRows:
   def __init__(self, process_index: int, per_process: int, global_batch: int):
@@ -44,5 +46,7 @@ def example_iterator(source: Sequence[Any], encode: Callable[[Any], dict[str, np
   # drop_remainder when infinite: grain's length arithmetic overflows otherwise.
   ds = (ds.map(encode).batch(global_batch, drop_remainder=repeat)
         .map(_ProcessRows(process_index, batch_size_per_process, global_batch)))
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                   prefetch_buffer_size=2 * num_threads)))
+  # The state is a global batch index (the same on every process): it restores under any
+  # process count (research/data/iterator_state.py).
+  return GlobalStateIterator(iter(ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=2 * num_threads))))

@@ -280,7 +280,14 @@ def _tfds_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split
                   per_process: int, process_index: int, process_count: int, shuffle: bool,
                   epochs: int | None, max_tokens: int) -> grain.IterDataset:
   del max_tokens  # Per-process streams: the evaluator truncates by mask (research/evaluate.py).
-  docs = grain.MapDataset.source(sources.TfdsTexts(config.data, split))
+  texts = sources.TfdsTexts(config.data, split)
+  key = ('tfds', config.data.name, texts.split_name, process_count)
+  if key not in _DESCRIBED:
+    _DESCRIBED.add(key)
+    _log.info('data: tfds %s, named split %s: %d documents, streamed (process %d of %d '
+              'tokenizes every %d-th)', config.data.name, texts.split_name, len(texts),
+              process_index, process_count, process_count)
+  docs = grain.MapDataset.source(texts)
   if shuffle:
     docs = docs.shuffle(seed=_shuffle_seed(config.seed))
   if epochs != 1:
