@@ -41,21 +41,43 @@ def _assert_png(path: str) -> None:
 # Unit tests (no training).
 
 
-def test_run_name_is_readable_safe_and_stable():
-  assert sweep.run_name({'model.d_model': 64}) == 'model.d_model=64'
-  assert (sweep.run_name({'model.d_model': 64, 'optimizer.learning_rate': 1e-3}) ==
+def test_run_names_are_short_stable_and_mapped_to_settings():
+  a = sweep.run_name(3, {'model.d_model': 64, 'optimizer.learning_rate': 1e-3})
+  assert re.fullmatch(r'003-[0-9a-f]{6}', a), a
+  assert a == sweep.run_name(3, {'model.d_model': 64, 'optimizer.learning_rate': 1e-3})
+  assert a != sweep.run_name(3, {'model.d_model': 64, 'optimizer.learning_rate': 2e-3})
+  assert sweep.run_name(3, {'k': 1}, seed=2).endswith('-seed2')
+  assert sweep.run_name(1234, {}, width=4).startswith('1234-')
+  long = {f'k{i}': 'v' * 20 for i in range(10)}  # Was a 120-character name.
+  assert len(sweep.run_name(7, long)) == 10
+  assert sweep.run_name(0, {'optimizer.lr_multipliers': (('embed', 0.1),)}) != \
+      sweep.run_name(0, {'optimizer.lr_multipliers': (('embed', 0.2),)})
+  assert (sweep.label({'model.d_model': 64, 'optimizer.learning_rate': 1e-3}) ==
           'model.d_model=64,optimizer.learning_rate=0.001')
-  assert sweep.run_name({'model.tie_embeddings': False}) == 'model.tie_embeddings=False'
-  assert sweep.run_name({}) == 'base'
-  a = sweep.run_name({'sample_prompt': "it's a/b"})
-  b = sweep.run_name({'sample_prompt': "it's a_b"})
-  assert re.fullmatch(r'[A-Za-z0-9._=,+-]+', a), a
-  assert a.startswith('sample_prompt=it_s_a_b-') and a != b  # Lossy: a hash tells apart.
-  assert a == sweep.run_name({'sample_prompt': "it's a/b"})  # Stable.
-  long = sweep.run_name({f'k{i}': 'v' * 20 for i in range(10)})
-  assert len(long) <= 120 and re.search(r'-[0-9a-f]{8}$', long)
-  assert sweep.run_name({'optimizer.lr_multipliers': (('embed', 0.1),)}) != \
-      sweep.run_name({'optimizer.lr_multipliers': (('embed', 0.2),)})
+  assert sweep.label({}) == 'base'
+
+
+def test_names_survive_an_inserted_entry_and_siblings_are_referenced(tmp_path):
+  """A rerun after sweep() gained an entry keeps every planned run's directory, and an
+  override naming another entry's label points at that run's directory."""
+  cfg = tmp_path / 'cfg.py'
+  body = ('from tests import sweep_config\n'
+          'get_config = sweep_config.get_config\n'
+          'def sweep():\n  return [{}]\n')
+  cfg.write_text(body.format("{'name': 'float'}, {'model.d_model': 16}"))
+  first = sweep.make_plan(str(cfg), str(tmp_path / 's'))
+  sweep.write_plan(first, str(tmp_path / 's'))
+  cfg.write_text(body.format("{'name': 'float'}, {'name': 'new'}, {'model.d_model': 16}, "
+                             "{'data.path': 'name=float'}"))
+  second = sweep.make_plan(str(cfg), str(tmp_path / 's'))
+  names = [r.name for r in second.runs]
+  assert names[0] == first.runs[0].name and names[2] == first.runs[1].name
+  assert names[1].startswith('001-') and len(set(names)) == 4
+  assert second.runs[3].overrides == {'data.path': names[0]}
+  assert second.runs[3].label == 'data.path=name=float'
+  seeded = sweep.make_plan(str(cfg), str(tmp_path / 't'), seeds=[0, 1])
+  assert seeded.runs[7].overrides == {'data.path': seeded.runs[1].name, 'seed': 1}
+  assert seeded.runs[1].name == seeded.runs[0].setting + '-seed1'
 
 
 def test_parse_seeds_and_select():
@@ -65,13 +87,14 @@ def test_parse_seeds_and_select():
   for bad in ('0', 'x', '1,1'):
     with pytest.raises(sweep.SweepError):
       sweep.parse_seeds(bad)
-  runs = [sweep.Run(i, n, n, {}, None, '/x', []) for i, n in
-          enumerate(['a=1', 'a=2', 'a=3', 'b=10'])]
-  names = lambda rs: [r.name for r in rs]
-  assert names(sweep.select(runs, [])) == names(runs)
-  assert names(sweep.select(runs, ['0,2'])) == ['a=1', 'a=3']
-  assert names(sweep.select(runs, ['1-2', 'b='])) == ['a=2', 'a=3', 'b=10']
-  assert names(sweep.select(runs, ['a=1'])) == ['a=1']
+  runs = [sweep.Run(i, f'00{i}-abcdef', f'00{i}-abcdef', {}, None, '/x', [], label=n)
+          for i, n in enumerate(['a=1', 'a=2', 'a=3', 'b=10'])]
+  labels = lambda rs: [r.label for r in rs]
+  assert labels(sweep.select(runs, [])) == labels(runs)
+  assert labels(sweep.select(runs, ['0,2'])) == ['a=1', 'a=3']
+  assert labels(sweep.select(runs, ['1-2', 'b='])) == ['a=2', 'a=3', 'b=10']
+  assert labels(sweep.select(runs, ['a=1'])) == ['a=1']
+  assert labels(sweep.select(runs, ['003-abc'])) == ['b=10']  # A directory name.
   for bad in (['7'], ['zzz'], ['2-1']):
     with pytest.raises(sweep.SweepError):
       sweep.select(runs, bad)
@@ -80,12 +103,13 @@ def test_parse_seeds_and_select():
 def test_command_is_an_argv_and_round_trips_through_commands_txt(tmp_path):
   plan = sweep.make_plan(f'{CONFIG}:bad=True', str(tmp_path), extra_args=[QUOTED],
                          python='python')
-  assert [r.name for r in plan.runs][-1] == 'model.num_kv_heads=3'
+  assert plan.runs[-1].label == 'model.num_kv_heads=3'
   assert plan.keys == ['model.d_model', 'optimizer.learning_rate', 'model.num_kv_heads']
   r = plan.runs[1]
+  assert r.label == 'model.d_model=16,optimizer.learning_rate=0.01'
   assert r.command == [
       'python', '-m', 'launch.train', f'--config={CONFIG}:bad=True',
-      f'--workdir={tmp_path}/model.d_model=16,optimizer.learning_rate=0.01',
+      f'--workdir={tmp_path}/{r.name}',
       '--config.model.d_model=16', '--config.optimizer.learning_rate=0.01', QUOTED]
   sweep.write_plan(plan, str(tmp_path))
   lines = (tmp_path / 'commands.txt').read_text().splitlines()
@@ -98,12 +122,14 @@ def test_dry_run_prints_plan_and_runs_nothing(tmp_path):
                  '--seeds=2', '--only=d_model=16', '--', QUOTED], timeout=120)
   assert out.returncode == 0, out.stderr
   assert 'sweep of tests/sweep_config.py: 4 of 8 runs selected, 0 done, 4 to run' in out.stdout
-  listed = re.findall(r'^\s+(\d+)\s+new\s+(\S+)$', out.stdout, flags=re.M)
-  assert listed == [('0', 'model.d_model=16,optimizer.learning_rate=0.003,seed=0'),
-                    ('1', 'model.d_model=16,optimizer.learning_rate=0.003,seed=1'),
-                    ('2', 'model.d_model=16,optimizer.learning_rate=0.01,seed=0'),
-                    ('3', 'model.d_model=16,optimizer.learning_rate=0.01,seed=1')]
+  listed = re.findall(r'^\s+(\d+)\s+new\s+(\S+)\s+(\S+)$', out.stdout, flags=re.M)
   plan = json.loads((tmp_path / 'sweep.json').read_text())
+  assert [(i, n) for i, n, _ in listed] == [(str(i), plan['runs'][i]['name']) for i in range(4)]
+  assert [x[2] for x in listed] == ['model.d_model=16,optimizer.learning_rate=0.003,seed=0',
+                                    'model.d_model=16,optimizer.learning_rate=0.003,seed=1',
+                                    'model.d_model=16,optimizer.learning_rate=0.01,seed=0',
+                                    'model.d_model=16,optimizer.learning_rate=0.01,seed=1']
+  assert re.fullmatch(r'000-[0-9a-f]{6}-seed1', plan['runs'][1]['name'])
   assert len(plan['runs']) == 8 and plan['seeds'] == [0, 1]
   assert plan['runs'][1]['overrides'] == {'model.d_model': 16,
                                           'optimizer.learning_rate': 0.003, 'seed': 1}
@@ -155,15 +181,15 @@ def _fake_run(run: sweep.Run, eval_losses: list[float], train_loss: float) -> No
 def test_table_with_seeds_has_mean_and_std(tmp_path):
   plan = sweep.make_plan(CONFIG, str(tmp_path), seeds=[0, 1, 2])
   sweep.write_plan(plan, str(tmp_path))
-  by = {r.name: r for r in plan.runs}
+  by = {(r.label, r.seed): r for r in plan.runs}
   s0 = 'model.d_model=16,optimizer.learning_rate=0.003'
   finals = [5.0, 5.2, 5.6]
   for seed, v in enumerate(finals):
-    _fake_run(by[f'{s0},seed={seed}'], [v + 0.5, v], train_loss=v - 0.1)
+    _fake_run(by[s0, seed], [v + 0.5, v], train_loss=v - 0.1)
   s1 = 'model.d_model=16,optimizer.learning_rate=0.01'
-  _fake_run(by[f'{s1},seed=0'], [4.0, 4.5], train_loss=4.2)  # Best eval is not the final.
-  _fake_run(by[f'{s1},seed=1'], [4.2, 4.1], train_loss=4.2)
-  failed = by[f'{s1},seed=2']
+  _fake_run(by[s1, 0], [4.0, 4.5], train_loss=4.2)  # Best eval is not the final.
+  _fake_run(by[s1, 1], [4.2, 4.1], train_loss=4.2)
+  failed = by[s1, 2]
   os.makedirs(failed.workdir)
   sweep.write_status(failed, status='failed', returncode=1, error='boom')
 
@@ -182,12 +208,16 @@ def test_table_with_seeds_has_mean_and_std(tmp_path):
   assert r1['error'] == 'seed=2: boom'
   assert r2['status'] == 'pending 3/3' and r2['final_eval_loss'] == ''
   md = (tmp_path / 'results.md').read_text()
-  assert f'| {s0} | `16` | `0.003` | 0 1 2 | 3 | ok | ' in md
+  assert f'| {by[s0, 0].setting} | `16` | `0.003` | 0 1 2 | 3 | ok | ' in md
+  assert '| name | d_model | learning_rate | seeds | ok runs | status |' in md
   assert f'{statistics.fmean(finals):.4f} ± {statistics.stdev(finals):.4f}' in md
   runs = _csv(tmp_path / 'results_runs.csv')
   assert len(runs) == 12 and runs[5]['seed'] == '2' and runs[5]['status'] == 'failed'
-  for png in ('eval_loss.png', 'train_loss.png', 'final_model.d_model.png',
-              'final_optimizer.learning_rate.png'):
+  # Only the learning rate varies between finished settings: no final_model.d_model.png.
+  assert sorted(p for p in os.listdir(tmp_path) if p.endswith('.png')) == [
+      'eval_loss.png', 'final_eval_loss.png', 'final_optimizer.learning_rate.png',
+      'train_loss.png']
+  for png in ('eval_loss.png', 'final_eval_loss.png', 'final_optimizer.learning_rate.png'):
     _assert_png(tmp_path / png)
 
 
@@ -223,7 +253,7 @@ def test_sweep_runs_resumes_and_reports_failures(tmp_path):
   assert list(rows[0]) == ['name', 'model.d_model', 'optimizer.learning_rate',
                            'model.num_kv_heads', 'status', 'final_train_loss',
                            'final_eval_loss', 'best_eval_loss', 'tokens_seen', 'wall_time_s',
-                           'steps', 'param_count', 'error']
+                           'steps_done', 'param_count', 'error']
   assert [r['name'] for r in rows] == names
   good, bad = rows[:4], rows[4]
   assert [r['status'] for r in good] == ['ok'] * 4
@@ -239,9 +269,14 @@ def test_sweep_runs_resumes_and_reports_failures(tmp_path):
 
   md = (sweep_dir / 'results.md').read_text()
   assert '5 runs: 4 ok, 1 failed' in md and '| failed |' in md
-  for png in ('eval_loss.png', 'train_loss.png', 'final_model.d_model.png',
-              'final_optimizer.learning_rate.png', 'final_model.num_kv_heads.png'):
+  # The failed run's key has no finished value: no final_model.num_kv_heads.png.
+  assert sorted(p for p in os.listdir(sweep_dir) if p.endswith('.png')) == [
+      'eval_loss.png', 'final_eval_loss.png', 'final_model.d_model.png',
+      'final_optimizer.learning_rate.png', 'train_loss.png']
+  for png in ('eval_loss.png', 'train_loss.png', 'final_eval_loss.png',
+              'final_model.d_model.png', 'final_optimizer.learning_rate.png'):
     _assert_png(sweep_dir / png)
+  assert all(len(n) <= 10 for n in names)
   # The quoted extra override reached every trainer unchanged.
   cfg = json.loads((sweep_dir / names[3] / 'config.json').read_text())
   assert cfg['config']['sample_prompt'] == QUOTED.split('=', 1)[1]

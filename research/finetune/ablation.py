@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from typing import Any
 
 from absl import app, flags
 
-from research import sweep
+from research import config_files, sweep
 from research.runtime import one_line
 
 DEFAULT_CONFIG = 'experiments/finetune/stdlib_modules.py'
@@ -43,7 +44,7 @@ def config_string(config: str, workdir: str, smoke: bool) -> str:
 def pretrain_command(config_str: str, workdir: str, python: str = sys.executable
                      ) -> list[str] | None:
   """The launch.train command of the config's pretraining (None if it has none)."""
-  module, arg = sweep.load_config_module(config_str)
+  module, arg = config_files.load_config_module(config_str)
   c = module.get_config(arg)
   f = c.finetune
   if not f.pretrain_config:
@@ -80,7 +81,8 @@ def rows_for(plan: sweep.Plan) -> list[dict[str, Any]]:
         'trainable_params': report.get('trainable_params'),
         'lora_params': report.get('lora_params'),
         'accuracy': ev.get('accuracy'), 'macro_f1': ev.get('macro_f1'),
-        'eval_loss': ev.get('loss'), 'steps': summary.get('steps'),
+        'eval_loss': ev.get('loss'), 'eval_examples': ev.get('num_examples'),
+        'steps': summary.get('steps'),
         'wall_time_s': summary.get('wall_time_s')})
   return rows
 
@@ -100,17 +102,33 @@ def _fmt(v: Any, kind: str) -> str:
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-  """'mode: pretrained acc X vs scratch Y -> better/WORSE' for every mode with both."""
+  """'mode: pretrained acc X vs scratch Y: better/worse/no verdict' per mode with both.
+
+  A verdict needs the accuracy gap to exceed two standard errors of a difference of two
+  proportions, sqrt(p1(1-p1)/n + p2(1-p2)/n) on the n eval examples (about a 95% test;
+  unpaired, so conservative for the shared eval set). The smallest gap that can get a
+  verdict is then about 2*sqrt(2*0.25/n): 29 accuracy points at the smoke size's 24
+  examples (no verdict is meaningful there), 6 points at 500, 2 at 5,000.
+  """
   out = []
   by = {(r['init'], r['mode']): r for r in rows}
   for mode in dict.fromkeys(r['mode'] for r in rows):
     p, s = by.get(('pretrained', mode)), by.get(('scratch', mode))
     if not p or not s or p['accuracy'] is None or s['accuracy'] is None:
       continue
-    better = p['accuracy'] > s['accuracy'] and p['macro_f1'] > s['macro_f1']
+    n1, n2 = p.get('eval_examples') or 0, s.get('eval_examples') or 0
+    gap = p['accuracy'] - s['accuracy']
+    se = (math.sqrt(p['accuracy'] * (1 - p['accuracy']) / n1
+                    + s['accuracy'] * (1 - s['accuracy']) / n2) if n1 and n2 else math.inf)
+    if abs(gap) > 2 * se:
+      verdict = 'pretrained better' if gap > 0 else 'pretrained WORSE'
+    else:
+      bound = 'unknown' if math.isinf(se) else f'±{200 * max(se, 1e-9):.1f} points'
+      verdict = (f'no verdict: the {100 * gap:+.1f}-point gap is within 2 standard errors '
+                 f'({bound} on {min(n1, n2)} eval examples)')
     out.append(f'{mode}: pretrained accuracy {100 * p["accuracy"]:.1f}% / macro-F1 '
                f'{p["macro_f1"]:.3f} vs scratch {100 * s["accuracy"]:.1f}% / '
-               f'{s["macro_f1"]:.3f}: {"pretrained better" if better else "NOT better"}')
+               f'{s["macro_f1"]:.3f}: {verdict}')
   return out
 
 
