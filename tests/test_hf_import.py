@@ -277,9 +277,10 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, family):
     hf = _llama(path, rope_parameters={**ROPE_CASES['llama3'], 'rope_theta': 500.0},
                 max_position_embeddings=64)
   prompt = np.random.RandomState(1).randint(0, VOCAB, size=(2, 6))
+  hf.generation_config.eos_token_id = None  # Ours runs all 30 steps (no EOS stop).
   with torch.no_grad():
     want = hf.generate(torch.tensor(prompt), max_new_tokens=30, do_sample=False,
-                       min_new_tokens=30, pad_token_id=0).numpy()
+                       pad_token_id=0).numpy()
   model, _ = hf_import.load_model(path)
   got = generate(model, prompt, max_new_tokens=30)
   np.testing.assert_array_equal(got, want)
