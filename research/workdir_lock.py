@@ -30,13 +30,13 @@ import errno
 import fcntl
 import json
 import os
-import shlex
 import socket
 import sys
 import threading
 import time
 from typing import Any, Iterator
 
+from research import runtime
 from research.runtime import UserError
 
 LOCK_NAME = '.lock'
@@ -71,7 +71,7 @@ def holder_info() -> dict[str, Any]:
       'host': socket.gethostname(),
       'pid': os.getpid(),
       'since': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC'),
-      'command': shlex.join([os.path.basename(sys.executable)] + sys.argv),
+      'command': runtime.command_line(),
       'job': job_id(),
   }
 
