@@ -14,11 +14,10 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from research import runtime
+from research import config_files, runtime
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].')
+_CONFIG = config_files.DEFINE_config_file('config')  # A path or a short name (tiny).
 _OUT = flags.DEFINE_string('out', 'schedule.png', 'PNG file to write.')
 _COMPARE = flags.DEFINE_list('compare', [], 'Schedules to overlay (optimizer.schedule '
                              'values); default: only the config\'s own.')

@@ -24,11 +24,10 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from research import runtime
+from research import config_files, runtime
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].')
+_CONFIG = config_files.DEFINE_config_file('config')  # A path or a short name (tiny).
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (or sweep directory).')
 _ABLATION = flags.DEFINE_boolean('ablation', False, "Run the config's sweep() and tabulate.")
 _PARALLEL = flags.DEFINE_integer('parallel', 1, '--ablation: training runs at once.')

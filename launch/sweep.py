@@ -4,8 +4,10 @@ r"""Runs an experiment's sweep() (one training run per override set) and tabulat
       [--parallel=N] [--only=NAME_PART|INDEX|A-B ...] [--seeds=N|0,1,2] \
       [--collect_only] [--dry_run] [-- --config.KEY=VALUE ...]
 
-Each run is ``python -m launch.train --config=<same> --workdir=DIR/<run-name>
---config.<k>=<v> ... <args after -->`` in its own process. Finished runs (summary.json)
+Each run is ``python -m launch.train --config=<same> --workdir=DIR/<name>
+--config.<k>=<v> ... <args after -->`` in its own process; ``<name>`` is the entry's
+index and a hash of its overrides (``003-a1b2c3``, ``-seedN`` with seeds), mapped to the
+settings in DIR/sweep.json. Finished runs (summary.json)
 are skipped, others rerun (the trainer resumes), failures are recorded and the sweep
 goes on. Writes DIR/sweep.json, DIR/commands.txt (line i+1 = run i, for
 ``python -m launch.slurm --sweep_dir=DIR``), DIR/results.{md,csv} and DIR/*.png.
@@ -25,12 +27,13 @@ from research import sweep
 from research.config import ConfigError
 from research.runtime import one_line
 
-_CONFIG = flags.DEFINE_string('config', None, 'Experiment config file[:arg], as for launch.train.')
+_CONFIG = flags.DEFINE_string('config', None, 'Experiment config file[:arg] or short name '
+                              '(tiny), as for launch.train.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory (one subdirectory per run).')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs at once (subprocesses on this machine).')
 _ONLY = flags.DEFINE_multi_string(
-    'only', [], 'Select runs: a name substring, or indices/ranges such as 0,2 or 1-3 '
-    '(repeatable; the union is run).')
+    'only', [], 'Select runs: a substring of a run name or of its settings (d_model=64), '
+    'or indices/ranges such as 0,2 or 1-3 (repeatable; the union is run).')
 _SEEDS = flags.DEFINE_string('seeds', '', 'Repeat every setting over seeds: a count N '
                              '(seeds 0..N-1) or a list 0,1,2. Empty: no seed sweep.')
 _COLLECT_ONLY = flags.DEFINE_boolean('collect_only', False,
