@@ -135,3 +135,32 @@ def test_stopped_under_2_processes_resumes_under_1_and_4_with_the_same_losses(tm
                                err_msg=f'resumed under {n} process(es)')
     cfg = json.load(open(wd / 'config.json'))
     assert cfg['process_count'] == n
+
+
+def test_per_process_state_on_another_process_count_is_one_line(tmp_path):
+  from research.data import iterator_state
+  step = tmp_path / '10'
+  (step / 'data').mkdir(parents=True)
+  for p in range(2):
+    (step / 'data' / f'process_{p}-of-2.json').write_text('{"next_index": 3}')
+
+  class PerProcess:  # A tfds stream's iterator: its state is its own.
+    pass
+
+  with pytest.raises(iterator_state.DataStateError) as e:
+    iterator_state.restore_items(str(step), PerProcess(), 0, 1)
+  msg = str(e.value)
+  assert '\n' not in msg and 'saved by 2 process(es)' in msg and 'launch.prepare_data' in msg
+  assert 'data' in iterator_state.restore_items(str(step), PerProcess(), 1, 2)
+
+  class Global:
+    global_state = True
+    state = None
+
+    def set_state(self, s):
+      self.state = s
+
+  g = Global()
+  assert iterator_state.restore_items(str(step), g, 0, 4) == {}
+  iterator_state.restore_global(str(step), g)
+  assert g.state == {'next_index': 3}

@@ -49,6 +49,8 @@ from research.config import ConfigError
 from research.data import sources
 
 FORMAT = 'research-token-store-v1'
+# Bumped when reading or tokenizing changes what a store holds: cached stores are redone.
+READER_VERSION = 2
 MANIFEST = 'manifest.json'
 _log = logging.getLogger(__name__)
 # Texts are encoded in batches of about this many characters (bounds a worker's memory).
@@ -182,7 +184,8 @@ def prepare(data_cfg: Any, tokenizer: Any, out_dir: str, *, workers: int = 0) ->
 
 
 def cache_key(data_cfg: Any, tokenizer: Any) -> str:
-  blob = json.dumps({'format': FORMAT, 'source': sources.source_fingerprint(data_cfg),
+  blob = json.dumps({'format': FORMAT, 'reader': READER_VERSION,
+                     'source': sources.source_fingerprint(data_cfg),
                      'tokenizer': tokenizer.fingerprint}, sort_keys=True)
   return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
@@ -311,6 +314,6 @@ def describe(manifest: dict[str, Any]) -> str:
     what += f" {src['num_files']} file{'s' * (src['num_files'] != 1)} ({mb(src['total_bytes'])})"
   mode = {'files': 'split by file hash', 'tail': 'split by tail',
           'splits': 'named splits'}.get(src.get('split_mode', ''), src.get('split_mode', ''))
-  parts = [f"{s} {mb(v['bytes'])} = {v['tokens']:,} tokens, {v['docs']:,} docs"
-           for s, v in splits.items()]
+  parts = [f"{s} {mb(splits[s]['bytes'])} = {splits[s]['tokens']:,} tokens, "
+           f"{splits[s]['docs']:,} docs" for s in sources.SPLITS if s in splits]
   return f'data: {what}, {mode}: ' + ' / '.join(parts)
