@@ -162,6 +162,7 @@ def test_per_layer_windows_scanned_equal_unscanned():
     (dict(sliding_window=-1), 'model.sliding_window'),
     (dict(window_layers='LX', sliding_window=4), 'model.window_layers'),
     (dict(window_layers='LG'), 'needs model.sliding_window'),
+    (dict(window_layers='LGL', sliding_window=4), 'more letters than'),
     (dict(rope_scaling='ntk'), 'model.rope_scaling'),
     (dict(rope_scaling='llama3', rope_factor=8.0), 'rope_original_max_len'),
     (dict(rope_scaling='llama3', rope_factor=8.0, rope_original_max_len=64,

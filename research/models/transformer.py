@@ -160,6 +160,9 @@ def validate_model_config(cfg: ml_collections.ConfigDict, seq_len: int | None = 
   if not isinstance(cfg.window_layers, str) or set(cfg.window_layers) - set('LG'):
     raise ConfigError(f"model.window_layers={cfg.window_layers!r} must be a string of 'L' "
                       f"(local) and 'G' (global) letters, e.g. 'LG'.")
+  if len(cfg.window_layers) > cfg.num_layers:
+    raise ConfigError(f'model.window_layers={cfg.window_layers!r} has more letters than '
+                      f'model.num_layers={cfg.num_layers}; give at most one per layer.')
   if cfg.window_layers and not cfg.sliding_window:
     raise ConfigError(f'model.window_layers={cfg.window_layers!r} needs '
                       f'model.sliding_window > 0; set it or clear window_layers.')
