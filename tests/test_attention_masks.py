@@ -168,7 +168,6 @@ def test_per_layer_windows_scanned_equal_unscanned():
     (dict(rope_scaling='llama3', rope_factor=8.0, rope_original_max_len=64,
           rope_low_freq_factor=4.0, rope_high_freq_factor=1.0), 'low < high'),
     (dict(rope_scaling='linear', positions='learned'), "positions='rope'"),
-    (dict(attention_impl='cudnn', dtype='bfloat16', head_dim=12), 'multiple of 8'),
 ])
 def test_mask_and_rope_config_errors_name_the_key(overrides, match):
   with pytest.raises(ConfigError, match=match):

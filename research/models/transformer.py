@@ -180,11 +180,6 @@ def validate_model_config(cfg: ml_collections.ConfigDict, seq_len: int | None = 
     raise ConfigError(
         f"model.attention_impl='cudnn' runs in half precision but model.dtype="
         f"{cfg.dtype!r}; set model.dtype='bfloat16' or use model.attention_impl='xla'.")
-  if cfg.attention_impl == 'cudnn' and (dims['head_dim'] % 8 or dims['head_dim'] > 256):
-    raise ConfigError(
-        f"model.attention_impl='cudnn' needs a head dimension that is a multiple of 8 and "
-        f"<= 256 (<= 128 before Hopper), got {dims['head_dim']}; change model.head_dim "
-        f"or use model.attention_impl='xla'.")
   if cfg.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
     raise ConfigError(
         f"model.attention_impl='cudnn' needs an NVIDIA GPU but the backend is "
