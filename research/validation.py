@@ -90,10 +90,74 @@ def check_finite(config: ml_collections.ConfigDict, prefix: str = '') -> None:
                         f'(see its default in research/config.py).')
 
 
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# (key, predicate, what it must be): values that pass the type and finiteness checks
+# but cannot train (found by tests/test_fuzz.py); each is one ConfigError naming the key.
+RANGE_CHECKS = (
+    ('optimizer.warmup_steps', lambda v: isinstance(v, int) and v >= 0, 'an integer >= 0'),
+    ('optimizer.decay_steps', lambda v: isinstance(v, int) and v >= 0, 'an integer >= 0 (0: steps)'),
+    ('optimizer.clip_norm', lambda v: _is_number(v) and v >= 0, 'a number >= 0 (0: no clipping)'),
+    ('optimizer.weight_decay', lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+    ('optimizer.b1', lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)'),
+    ('optimizer.b2', lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)'),
+    ('optimizer.eps', lambda v: _is_number(v) and v > 0, 'a number > 0'),
+    ('optimizer.momentum', lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)'),
+    ('optimizer.min_lr_ratio', lambda v: _is_number(v) and 0 <= v <= 1, 'in [0, 1]'),
+    ('loss.z_loss', lambda v: _is_number(v) and v >= 0, 'a number >= 0 (0: off)'),
+    ('model.dropout', lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)'),
+    ('model.init_std', lambda v: _is_number(v) and v > 0, 'a number > 0'),
+    ('model.norm_eps', lambda v: _is_number(v) and v > 0, 'a number > 0'),
+    ('model.rope_theta', lambda v: _is_number(v) and v > 0, 'a number > 0'),
+    ('eval_tokens', lambda v: isinstance(v, int) and v >= 0, 'an integer >= 0 (0: eval_steps)'),
+    ('num_samples', lambda v: isinstance(v, int) and v >= 0, 'an integer >= 0'),
+    ('sample_len', lambda v: isinstance(v, int) and v >= 1, 'an integer >= 1'),
+    ('sample_temperature', lambda v: _is_number(v) and v >= 0, 'a number >= 0 (0: greedy)'),
+    ('sample_top_k', lambda v: isinstance(v, int) and v >= 0, 'an integer >= 0 (0: off)'),
+)
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  node = config
+  for part in dotted.split('.'):
+    if part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
+
+
+def _is_pairs(value) -> bool:
+  return isinstance(value, (tuple, list)) and all(
+      isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) for p in value)
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Numeric ranges and the shape of pair-list keys (RANGE_CHECKS)."""
+  for key, ok, want in RANGE_CHECKS:
+    value = _get(config, key)
+    if value is not _MISSING and not ok(value):
+      raise ConfigError(f'{key} must be {want}, got {value!r}.')
+  for key in ('optimizer.lr_multipliers', 'finetune.pretrain_overrides'):
+    value = _get(config, key)
+    if value is not _MISSING and not _is_pairs(value):
+      raise ConfigError(f"{key} must be a tuple of (string, value) pairs, e.g. "
+                        f"(('regex', 0.1),), got {value!r}.")
+  for regex, mult in _get(config, 'optimizer.lr_multipliers') or ():
+    if not _is_number(mult) or not math.isfinite(mult) or mult < 0:
+      raise ConfigError(f'optimizer.lr_multipliers: the multiplier of {regex!r} must be a '
+                        f'finite number >= 0, got {mult!r}.')
+
+
 def validate_config(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
   """All static checks of every section; call before building anything."""
   check_known_keys(config)
   check_finite(config)
+  check_ranges(config)
   for key in POSITIVE_INT_KEYS:
     if not isinstance(config[key], int) or config[key] <= 0:
       raise ConfigError(f'{key} must be a positive integer, got {config[key]!r}.')
