@@ -13,7 +13,7 @@ Exit codes: 0 written; 1 error (one line on stderr).
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from research import runtime
 from research.runtime import UserError

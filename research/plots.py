@@ -25,7 +25,7 @@ import math
 import os
 import re
 import statistics
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -387,7 +387,7 @@ def write_sweep_plots(sweep_dir: str, results: Sequence[Mapping[str, Any]]) -> l
   return list(figs)
 
 
-RUN_LABEL_KEYS = 4  # Runs of unrelated configs: more differing keys -> run names.
+RUN_LABEL_KEYS = 6  # Runs of unrelated configs: more differing keys -> run names.
 
 
 def run_figures(series: Sequence[Series], metric: str, split: str) -> dict[str, Figure]:

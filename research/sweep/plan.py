@@ -255,7 +255,8 @@ def make_plan(config: str, sweep_dir: str, *, seeds: list[int] | None = None,
   return Plan(config=config, extra_args=list(extra_args), seeds=seeds, keys=keys, runs=runs)
 
 
-def _write_text(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file: readers never see half a file."""
   tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
     f.write(text)
@@ -265,9 +266,9 @@ def _write_text(path: str, text: str) -> None:
 def write_plan(plan: Plan, sweep_dir: str) -> None:
   """Writes DIR/sweep.json and DIR/commands.txt (line i+1 = run i, shell-quoted)."""
   os.makedirs(sweep_dir, exist_ok=True)
-  _write_text(os.path.join(sweep_dir, PLAN),
+  write_atomic(os.path.join(sweep_dir, PLAN),
               json.dumps(plan.to_json(), indent=2, default=format_value) + '\n')
-  _write_text(os.path.join(sweep_dir, COMMANDS),
+  write_atomic(os.path.join(sweep_dir, COMMANDS),
               ''.join(shlex.join(r.command) + '\n' for r in plan.runs))
 
 

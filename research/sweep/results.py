@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from research import run_logs
 from research.sweep import tables
-from research.sweep.plan import Plan, Run, _write_text, read_plan
+from research.sweep.plan import Plan, Run, write_atomic, read_plan
 from research.sweep.status import OK, run_state
 
 
@@ -81,10 +81,10 @@ def collect(sweep_dir: str, plan: Plan | None = None, *, plots: bool = True
   seeds = bool(plan.seeds)
   cols = tables.table_columns(plan.keys, seeds)
   rows = tables.table_rows(aggregate(results) if seeds else results, plan.keys, seeds)
-  _write_text(os.path.join(sweep_dir, 'results.csv'), tables.to_csv(cols, rows))
+  write_atomic(os.path.join(sweep_dir, 'results.csv'), tables.to_csv(cols, rows))
   if seeds:
     run_keys = plan.keys + ['seed']
-    _write_text(os.path.join(sweep_dir, 'results_runs.csv'),
+    write_atomic(os.path.join(sweep_dir, 'results_runs.csv'),
                 tables.to_csv(tables.table_columns(run_keys, False),
                               tables.table_rows(results, run_keys, False)))
   images: list[str] = []
@@ -104,5 +104,5 @@ def collect(sweep_dir: str, plan: Plan | None = None, *, plots: bool = True
         tables.key_legend(plan.keys),
         tables.to_markdown(cols, rows, plan.keys)]
   md += [f'![{os.path.splitext(p)[0]}]({p})\n' for p in images]
-  _write_text(os.path.join(sweep_dir, 'results.md'), '\n'.join(m for m in md if m))
+  write_atomic(os.path.join(sweep_dir, 'results.md'), '\n'.join(m for m in md if m))
   return results

@@ -13,7 +13,7 @@ import time
 from typing import Any, Sequence
 
 from research.run_logs import METRICS, SUMMARY, read_json
-from research.sweep.plan import Plan, Run, _write_text, seeded_label
+from research.sweep.plan import Plan, Run, write_atomic, seeded_label
 
 STATUS = 'sweep_status.json'
 # Status values of a run, in the order a summary prefers to report them.
@@ -43,7 +43,7 @@ def run_state(run: Run) -> tuple[str, str]:
 def write_status(run: Run, **fields: Any) -> None:
   fields = {'name': run.name, 'index': run.index, **fields,
             'command': shlex.join(run.command), 'time': time.strftime('%Y-%m-%dT%H:%M:%S')}
-  _write_text(os.path.join(run.workdir, STATUS), json.dumps(fields, indent=2) + '\n')
+  write_atomic(os.path.join(run.workdir, STATUS), json.dumps(fields, indent=2) + '\n')
 
 
 def plan_state(run: Run) -> str:
