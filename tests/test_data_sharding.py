@@ -39,31 +39,36 @@ def stdlib_cfg(tmp_path, monkeypatch):
 def test_processes_read_only_their_rows_and_union_is_the_global_batch(stdlib_cfg, monkeypatch):
   c = stdlib_cfg
   reads: list[np.ndarray] = []
-  take = token_store.SplitStore.take
+  windows = token_store.SplitStore.windows
 
-  def counting_take(self, idx):
-    reads.append(np.unique(np.asarray(idx) // (c.seq_len)))
-    return take(self, idx)
+  def counting_windows(self, starts, length):
+    reads.append(np.asarray(starts))
+    return windows(self, starts, length)
 
-  one = [next(it) for it in [pipeline.make_lm_iterator(c, BYTES, 'train',
-                                                        batch_size_per_process=8)]
-         for _ in range(3)]
-  monkeypatch.setattr(token_store.SplitStore, 'take', counting_take)
+  monkeypatch.setattr(token_store.SplitStore, 'windows', counting_windows)
+  it = pipeline.make_lm_iterator(c, BYTES, 'train', batch_size_per_process=8)
+  one, one_reads = [], []
+  for _ in range(3):
+    reads.clear()
+    one.append(next(it))
+    [r] = reads
+    one_reads.append(r)
   for count in (2, 4):
-    its = [pipeline.make_lm_iterator(c, BYTES, 'train', batch_size_per_process=8 // count,
+    rows = 8 // count
+    its = [pipeline.make_lm_iterator(c, BYTES, 'train', batch_size_per_process=rows,
                                      process_index=p, process_count=count)
            for p in range(count)]
-    for g in one:
+    for g, g_reads in zip(one, one_reads):
       parts = []
       for p, it in enumerate(its):
         reads.clear()
         parts.append(next(it))
-        # Only this process's rows were read: B/P windows of L+1 tokens.
-        assert sum(r.size for r in reads) <= 2 * (8 // count)
+        # Only this process's rows were read: its B/P windows of the global batch.
+        [r] = reads
+        np.testing.assert_array_equal(r, g_reads[p * rows:(p + 1) * rows])
       for k in g:
         np.testing.assert_array_equal(g[k], np.concatenate([b[k] for b in parts]))
-      rows = [set(map(bytes, b['inputs'])) for b in parts]
-      assert sum(len(r) for r in rows) == len(set().union(*rows))  # Disjoint.
+      assert len(set(g_reads.tolist())) == 8  # Disjoint rows.
 
 
 def test_global_state_is_the_same_on_every_process(stdlib_cfg):

@@ -13,12 +13,12 @@ Packing is GPT-style concat-and-chunk: documents are tokenized, each followed by
 concatenated and cut into windows of L+1 tokens. Two paths:
 
 * File sources (``stdlib``, ``text_files``, ``jsonl``, ``parquet``) are tokenized once
-  into a token store (research/data/token_store.py: memmap shards, cached under
+  into a token store (research/data/token_store.py: flat binary shards, cached under
   ``data.cache_dir``); ``tokens`` names such a store directly. Window ``w`` is
   ``tokens[w*L : w*L + L + 1]`` (consecutive windows share one token, so every token is
   a target exactly once). The window order is a stateless permutation
   (``MapDataset.shuffle``, re-seeded each epoch) of *global* batches: the global batch
-  ``k`` is the same for any process count, process ``p`` reads (from the memmaps) only
+  ``k`` is the same for any process count, process ``p`` reads (one ``pread`` a row) only
   rows ``[p*B, (p+1)*B)`` of it, and the iterator's state is the global batch index, so
   a run resumes on any process count (research/data/iterator_state.py).
 * ``tfds`` streams: documents (shuffled by index) are dealt to processes (process ``p``
@@ -84,7 +84,7 @@ def token_stream(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
                  split: str) -> np.ndarray:
   """A file split as one in-memory token array, documents each followed by EOS.
 
-  For tests and small corpora; training reads windows from the memmapped store.
+  For tests and small corpora; training reads only its windows from the store.
   """
   return open_store(data_cfg, tokenizer, split).tokens()
 
@@ -159,10 +159,11 @@ class _GatherWindows:
 
   def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     ids = np.asarray(ids, np.int64)
-    idx = np.maximum(ids, 0)[:, None] * self.seq_len + self.offsets[None, :]
+    starts = np.maximum(ids, 0) * self.seq_len
+    idx = starts[:, None] + self.offsets[None, :]
     valid = (idx < self.limit) & (ids >= 0)[:, None]
-    toks = np.where(valid, self.store.take(np.minimum(idx, len(self.store) - 1)), self.pad_id)
-    toks = toks.astype(np.int32)
+    rows = self.store.windows(np.where(ids >= 0, starts, len(self.store)), self.seq_len + 1)
+    toks = np.where(valid, rows, self.pad_id).astype(np.int32)
     out = {'inputs': toks[:, :-1], 'targets': toks[:, 1:],
            'mask': valid[:, 1:].astype(np.float32)}
     if self.document_masking:
@@ -272,7 +273,7 @@ def _file_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, split
         .map(_GatherWindows(store, config.seq_len, tokenizer.pad_id, limit=limit,
                             eos_id=tokenizer.eos_id,
                             document_masking=bool(config.data.document_masking))))
-  # Memmapped data, a gather per batch: threads would only contend for the GIL.
+  # One small pread per row: threads would only contend for the GIL.
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
 
 

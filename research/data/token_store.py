@@ -1,23 +1,27 @@
-"""A prepared token store: a corpus tokenized once into sharded numpy memmap files.
+"""A prepared token store: a corpus tokenized once into sharded binary token files.
 
 Layout of a store directory::
 
   manifest.json            format, token dtype, tokenizer and source fingerprints,
                            per split: shards with token/document/byte counts
-  train/00000.tokens ...   raw little-endian uint16 (vocab <= 65536) or uint32 token ids;
-                           every document is followed by EOS, shards concatenate in order
+  train/00000.tokens ...   raw little-endian uint16 (vocab <= 65536) or uint32 token ids
+                           (a numpy memmap can open them); every document is followed by
+                           EOS, shards concatenate in order
   train/00000.docs  ...    int64 end offset (exclusive, EOS included) of each document
                            within its shard: the document boundaries
   eval/...
 
-Why numpy memmap shards and not ArrayRecord: the pipeline reads *windows* (L+1
-consecutive tokens at any offset of the split's token stream), not records. A memmap
-gives zero-copy random access to any token range; a window is two slices at most; the
-page cache, not the process, holds the data, so a training process's memory does not
-grow with the corpus (measured in README "Choosing data"); and it needs no dependency
-and no index beyond the shard sizes. ArrayRecord would store fixed records (windows of
-one ``seq_len``), so a store could not serve another ``seq_len``, and reads would go
-through its record reader.
+Why flat numpy shards and not ArrayRecord: the pipeline reads *windows* (L+1
+consecutive tokens at any offset of the split's token stream), not records. A window
+of a flat shard is one ``pread`` (two where it crosses a shard boundary), for any
+``seq_len``, with no dependency and no index beyond the shard sizes. ArrayRecord would
+store fixed records (windows of one ``seq_len``), so a store could not serve another
+``seq_len``, and reads would go through its record reader. Windows are read with
+``pread`` rather than through a memmap: mapped pages count in the process's RSS (on
+this machine's kernel each random read mapped ~1.5 MB, so RSS grew with every batch and
+with the corpus), whereas ``pread`` leaves the data in the page cache only; a training
+process's memory is then the same for a 100 MB and a 1 GB store (README "Choosing
+data"). ``np.memmap`` is still how tests and tools read a whole split.
 
 Preparation (:func:`prepare`) runs over *groups* of input items (contiguous runs of
 files, byte ranges of JSONL files, row-group ranges of Parquet files), one shard per
@@ -216,7 +220,9 @@ def ensure_store(data_cfg: Any, tokenizer: Any) -> str:
 
 @dataclasses.dataclass
 class SplitStore:
-  """One split of a store as a single token stream, read through memmaps (pickles)."""
+  """One split of a store as one token stream: windows by pread, whole shards by memmap.
+
+  Pickles (for grain workers) without its open files."""
 
   directory: str
   split: str
@@ -227,6 +233,14 @@ class SplitStore:
   def __post_init__(self):
     self.starts = np.concatenate([[0], np.cumsum(self.shard_tokens, dtype=np.int64)])
     self._maps: list[np.ndarray] | None = None
+    self._fds: dict[int, int] = {}
+
+  def __del__(self, _close=os.close):  # Bound: os may be gone at interpreter exit.
+    for fd in getattr(self, '_fds', {}).values():
+      try:
+        _close(fd)
+      except OSError:
+        pass
 
   def __len__(self) -> int:
     return int(self.starts[-1])
@@ -245,6 +259,30 @@ class SplitStore:
                     shape=(t,)) if t else np.zeros([0], self.dtype)
           for n, t in zip(self.shard_names, self.shard_tokens)]
     return self._maps
+
+  def _fd(self, shard: int) -> int:
+    if shard not in self._fds:
+      if len(self._fds) >= 256:  # Bound open files for stores with very many shards.
+        os.close(self._fds.pop(next(iter(self._fds))))
+      path = os.path.join(self.directory, self.split, self.shard_names[shard] + '.tokens')
+      self._fds[shard] = os.open(path, os.O_RDONLY)
+    return self._fds[shard]
+
+  def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+    """Rows of ``length`` consecutive tokens from each global position in ``starts``
+    (int32; positions past the end are 0). One ``pread`` per row and shard touched."""
+    itemsize = np.dtype(self.dtype).itemsize
+    out = np.zeros((len(starts), length), self.dtype)
+    n = len(self)
+    for r, s in enumerate(np.asarray(starts, np.int64).tolist()):
+      pos, end = s, min(s + length, n)
+      while pos < end:
+        k = int(np.searchsorted(self.starts, pos, side='right')) - 1
+        upto = min(end, int(self.starts[k + 1]))
+        buf = os.pread(self._fd(k), (upto - pos) * itemsize, (pos - int(self.starts[k])) * itemsize)
+        out[r, pos - s:upto - s] = np.frombuffer(buf, self.dtype)
+        pos = upto
+    return out.astype(np.int32)
 
   def take(self, idx: np.ndarray) -> np.ndarray:
     """Tokens at global positions ``idx`` (any shape, all < len) as int32."""
