@@ -200,6 +200,20 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, sequence: int =
                            axis_types=axis_types)
 
 
+def dcn_granules(devices: Sequence[Any], dcn_data: int) -> tuple[bool, set[int]]:
+  """What the slow network joins: (by slice?, the set of slice or process indices).
+
+  Multi-slice TPU devices carry distinct ``slice_index`` values. Devices without
+  slice information (GPU, multi-process CPU) report ``slice_index`` 0 for every
+  device, or none: there the processes (hosts) are the granules that the data axis
+  spans, so ``dcn_data`` = number of processes lays one data shard group per host.
+  """
+  slices = {getattr(d, 'slice_index', None) for d in devices}
+  if None not in slices and (len(slices) > 1 or dcn_data == 1):
+    return True, slices
+  return False, {d.process_index for d in devices}
+
+
 def hybrid_device_array(sizes: Sequence[int], dcn_data: int, devices: Sequence[Any]
                         ) -> np.ndarray:
   """Devices as an array of ``sizes`` whose data axis spans ``dcn_data`` granules."""
@@ -207,8 +221,7 @@ def hybrid_device_array(sizes: Sequence[int], dcn_data: int, devices: Sequence[A
     raise _config_error(
         f'mesh.dcn_data={dcn_data} does not divide mesh.data={sizes[0]}; the data axis is '
         f'laid out as dcn_data slices x (data/dcn_data) devices per slice.')
-  by_slice = all(getattr(d, 'slice_index', None) is not None for d in devices)
-  granules = {getattr(d, 'slice_index' if by_slice else 'process_index') for d in devices}
+  by_slice, granules = dcn_granules(devices, dcn_data)
   if len(granules) != dcn_data:
     unit = 'slices' if by_slice else 'processes'
     raise _config_error(
