@@ -48,6 +48,7 @@ def get_config(arg: str | None = None):
   c.num_samples = 0
   c.data.source = 'stdlib'
   c.data.eval_fraction = 0.2
+  c.data.document_masking = True  # Packed LM windows (lm_domain) attend within a document.
   # The backbone: experiments/pretrain/tiny.py's shape (a pretrained source overrides
   # these with its own config.json, so from-scratch and pretrained runs match).
   c.model.d_model = 128
