@@ -138,6 +138,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.nan_policy = 'stop'
   c.resume_check = True  # False: resume even if model/tokenizer/data/batch changed (warns).
 
+  # Optional Weights & Biases logging (research/wandb_writer.py; pip install wandb).
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ''  # '': off.
+  c.wandb.mode = 'offline'  # 'offline' (WORKDIR/wandb, no network) | 'online' | 'disabled'.
+  c.wandb.entity = ''
+  c.wandb.run_name = ''  # '': the workdir's name.
+  c.wandb.dir = ''  # '': WORKDIR/wandb.
+  # Execution choices by backend (research/backend_defaults.py: on CPU the projections'
+  # transpose_input backward, same gradients); False: run model.* exactly as written.
+  c.backend_defaults = True
+
   c.debug = ml_collections.ConfigDict()
   c.debug.inject_nan_at_step = 0  # Fault injection (tests): NaN gradients at this step.
   c.debug.inject_nan_regex = ''  # ... only for parameters whose path matches.
@@ -151,6 +162,9 @@ def base_config() -> ml_collections.ConfigDict:
   f.init_step = -1  # Checkpoint step to load from a workdir; -1: the latest.
   f.pretrain_config = ''  # 'FILE[:arg]': pretrain into init_from first if it is not done.
   f.pretrain_overrides = ()  # ((dotted_key, value), ...) for that pretraining run.
+  # True: data.eval_fraction := the source run's, so this run evaluates only on files the
+  # source held out (same corpus). False: a larger fraction is warned about (overlap).
+  f.match_source_split = False
   f.mode = 'full'  # 'full' | 'lora' | 'linear_probe' (frozen backbone, head only).
   f.lora_rank = 8
   f.lora_alpha = 16.0  # Update scale alpha / rank.

@@ -44,30 +44,65 @@ def _cpu_cache_path() -> str:
 
 
 def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-  """Achieved FLOP/s of a jitted n×n matmul on the default device (median)."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
+  """Achieved FLOP/s of a jitted n×n matmul on the default device (best of ``repeats``)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = float('inf')
   for _ in range(repeats):
     t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2.0 * n**3 / float(np.median(times))
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n**3 / best
 
 
-def device_peak_flops() -> tuple[float, str]:
-  """Peak FLOP/s of one device and where the number comes from.
+CPU_ROOFLINE_SIZES = (1024, 2048, 3072)
 
-  Accelerators: the datasheet table. CPU: a matmul roofline measured once per
-  machine and cached, since CPUs have no datasheet number JAX can look up.
+
+def measure_cpu_roofline(sizes: tuple[int, ...] = CPU_ROOFLINE_SIZES,
+                         repeats: int = 5) -> dict[str, Any]:
+  """The CPU's matmul roofline, measured now, in this process.
+
+  A CPU has no datasheet figure JAX can look up, and what it reaches depends on the
+  cores this process may use, their clocks and the load of the moment; so a
+  benchmark measures it beside the step it reports MFU for (same process, same
+  affinity, same threads, same minute) instead of reusing a figure cached under other
+  conditions. Method: float32 n×n jitted matmuls for each n in ``sizes`` (large enough
+  to reach the GEMM kernel's peak), best of ``repeats`` each, the best size's FLOP/s.
+  On CPU the figure is the whole host's (XLA's CPU devices share one thread pool).
   """
-  dev = jax.devices()[0]
-  kind = dev.device_kind.lower()
+  t0 = time.perf_counter()
+  per_size = {int(n): measure_matmul_flops(n, jnp.float32, repeats) for n in sizes}
+  return {'flops': max(per_size.values()),
+          'method': (f'best of {repeats} jitted float32 n x n matmuls (2n^3 FLOPs) for n in '
+                     f'{list(per_size)}, measured in the benchmark process'),
+          'per_size_flops': per_size, 'measure_s': time.perf_counter() - t0,
+          'cpus_allowed': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+                          else os.cpu_count()}
+
+
+def datasheet_peak_flops() -> tuple[float, str] | None:
+  """Dense bf16 peak of one accelerator from :data:`PEAK_FLOPS`, or None (CPU, unknown)."""
+  kind = jax.devices()[0].device_kind.lower()
   for name, flops in PEAK_FLOPS:
     if name in kind:
       return flops, f'datasheet:{name}'
-  if dev.platform == 'cpu':
+  return None
+
+
+def device_peak_flops() -> tuple[float, str]:
+  """Peak FLOP/s of one device and where the number comes from (training's MFU).
+
+  Accelerators: the datasheet table. CPU: a matmul roofline measured once per
+  machine and cached, so training does not pay for it at every start. ``launch.benchmark``
+  does not use this cache: it measures the roofline in its own process
+  (:func:`measure_cpu_roofline`).
+  """
+  known = datasheet_peak_flops()
+  if known is not None:
+    return known
+  if jax.devices()[0].platform == 'cpu':
     path = _cpu_cache_path()
     try:
       with open(path) as f:
@@ -88,15 +123,21 @@ def device_peak_flops() -> tuple[float, str]:
 class MetricsWriter:
   """Writes rows to ``metrics.jsonl`` and scalars to TensorBoard (process 0 only)."""
 
-  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True,
+               config=None):
+    """``config`` with ``wandb.project`` set adds the Weights & Biases sink."""
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
+    self._wandb = None
     if not enabled:
       return
     self._truncate_after(resume_step)
     from tensorboardX import SummaryWriter  # Imported late: heavy.
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    if config is not None and config.wandb.project:
+      from research.wandb_writer import WandbSink  # Optional dependency.
+      self._wandb = WandbSink(config, workdir)
 
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
@@ -127,6 +168,8 @@ class MetricsWriter:
     for k, v in row.items():
       if k not in ('step', 'split') and isinstance(v, (int, float)):
         self._tb.add_scalar(f'{split}/{k}', v, row['step'])
+    if self._wandb is not None:
+      self._wandb.write(row)
 
   def write_hparams(self, config, final_metrics: dict[str, Any]) -> None:
     """The run's config as TensorBoard hparams (the HPARAMS tab compares runs by them):
@@ -145,10 +188,15 @@ class MetricsWriter:
     metrics = {f'hparams/{k}': float(v) for k, v in final_metrics.items()
                if isinstance(v, (int, float))}
     self._tb.add_hparams(hparams, metrics, name='hparams', global_step=config.steps)
+    if self._wandb is not None:
+      self._wandb.summarize(final_metrics)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
+      self._wandb = None
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

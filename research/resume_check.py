@@ -20,7 +20,8 @@ from research.config import ConfigError
 
 MODEL_KEYS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
               'mlp_kind', 'mlp_dim', 'norm', 'positions', 'tie_embeddings', 'use_bias',
-              'causal')
+              'causal', 'rope_theta', 'rope_scaling', 'rope_factor', 'sliding_window',
+              'window_layers')
 DATA_KEYS = ('source', 'path', 'name', 'train_split', 'text_key', 'eval_fraction',
              'tokenizer', 'spm_vocab_size')
 CORPUS_KEYS = ('fingerprint', 'files_fingerprint', 'store_source', 'tokenizer')

@@ -160,7 +160,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, task: Task, tokeni
     meta.update(peak_flops_per_device=peak_flops, peak_flops_source=peak_source,
                 model_flops_per_token=flops_per_token)
     runs.write_json(os.path.join(workdir, runs.CONFIG), meta)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=is_main,
+                                     config=config)
   logging.info('Model: %s params (%s non-embedding); mesh %s; %d devices',
                f'{params["total"]:,}', f'{params["non_embedding"]:,}', dict(mesh.shape),
                jax.device_count())

@@ -53,14 +53,20 @@ def _state_factory(config: ml_collections.ConfigDict, task: Task):
   return create, schedule
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                         task: Task) -> TrainState:
-  """Shapes, dtypes and shardings of the train state; allocates nothing (AOT planning)."""
+def _shaped_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: Task):
+  """(create, schedule, rules, graphdef, abstract state, shardings); allocates nothing."""
   create, schedule = _state_factory(config, task)
   rules = shd.rules_from_config(config.mesh)
   with shd.use_mesh(mesh, rules):
     graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
     shardings = shd.state_shardings(abstract_state, mesh, rules)
+  return create, schedule, rules, graphdef, abstract_state, shardings
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                         task: Task) -> TrainState:
+  """Shapes, dtypes and shardings of the train state; allocates nothing (AOT planning)."""
+  _, schedule, _, graphdef, abstract_state, shardings = _shaped_state(config, mesh, task)
   abstract = ckpt_lib.abstract_with_shardings(abstract_state, shardings)
   return TrainState(graphdef, abstract, shardings, schedule)
 
@@ -68,10 +74,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.M
 def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                        task: Task) -> TrainState:
   """Creates (model, optimizer) already sharded: eval_shape -> shardings -> jit init."""
-  create, schedule = _state_factory(config, task)
-  rules = shd.rules_from_config(config.mesh)
+  create, schedule, rules, graphdef, _, shardings = _shaped_state(config, mesh, task)
   with shd.use_mesh(mesh, rules):
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-    shardings = shd.state_shardings(abstract_state, mesh, rules)
     state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
   return TrainState(graphdef, state, shardings, schedule)

@@ -21,6 +21,7 @@ from research.data.sources import validate_data_config
 from research.feature_validation import validate_features
 from research.models.transformer import resolved_dims, validate_model_config
 from research.optim import validate_optimizer_config
+from research import wandb_writer
 from research.sharding import validate_mesh_config
 
 POSITIVE_INT_KEYS = ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
@@ -111,7 +112,8 @@ RANGE_CHECKS = (
     ('model.init_std', lambda v: _is_number(v) and v > 0, 'a number > 0'),
     ('model.norm_eps', lambda v: _is_number(v) and v > 0, 'a number > 0'),
     ('model.rope_theta', lambda v: _is_number(v) and v > 0, 'a number > 0'),
-    ('eval_tokens', lambda v: isinstance(v, int) and v >= 0, 'an integer >= 0 (0: eval_steps)'),
+    ('eval_tokens', lambda v: isinstance(v, int) and v >= -1,
+     'an integer >= -1 (0: eval_steps batches, -1: the whole eval split)'),
     ('num_samples', lambda v: isinstance(v, int) and v >= 0, 'an integer >= 0'),
     ('sample_len', lambda v: isinstance(v, int) and v >= 1, 'an integer >= 1'),
     ('sample_temperature', lambda v: _is_number(v) and v >= 0, 'a number >= 0 (0: greedy)'),
@@ -175,6 +177,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
   validate_mesh_config(config.mesh)
   validate_optimizer_config(config.optimizer)
   validate_features(config)
+  wandb_writer.validate(config.wandb)
   validate_data_config(config.data)
   if workdir is not None:
     check_workdir(workdir)

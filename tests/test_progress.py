@@ -62,3 +62,29 @@ def test_resume_with_another_run_is_one_line_and_keeps_config(tmp_path, change, 
   if key == 'batch_size':  # The override resumes anyway.
     out = recipe.run(smoke_config(steps=6, num_samples=0, resume_check=False, **over), wd)
     assert out['resumed_from_step'] == 3
+
+
+def test_wandb_offline_writer_logs_rows(tmp_path, monkeypatch):
+  """wandb.project set, offline mode: the run's rows and summary land under
+  WORKDIR/wandb with no network."""
+  pytest.importorskip('wandb')
+  from research import recipe
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  wd = tmp_path / 'run'
+  recipe.run(smoke_config(eval_steps=1, num_samples=0,
+                          **{'wandb.project': 'research-test'}), str(wd))
+  runs_dir = [d for d in os.listdir(wd / 'wandb' / 'wandb') if d.startswith('offline-run-')]
+  assert len(runs_dir) == 1, os.listdir(wd / 'wandb')
+  run_dir = wd / 'wandb' / 'wandb' / runs_dir[0]
+  log, = [run_dir / f for f in os.listdir(run_dir) if f.endswith('.wandb')]
+  data = log.read_bytes()  # W&B's record log: history/summary values as JSON strings.
+  final = json.loads((wd / 'summary.json').read_text())
+  for key in (b'train/loss', b'eval/loss', b'final_eval_loss'):
+    assert key in data, key
+  assert json.dumps(final['final_eval_loss']).encode() in data
+
+
+def test_wandb_config_errors_are_one_line():
+  from research.validation import validate_config
+  with pytest.raises(ConfigError, match=r"wandb\.mode='cloud'"):
+    validate_config(smoke_config(**{'wandb.mode': 'cloud'}))

@@ -65,14 +65,10 @@ def _imports(path: str, module: str, known: set[str]) -> set[str]:
 def _graph() -> dict[str, set[str]]:
   mods = _modules()
   known = set(mods)
-  graph = {m: _imports(p, m, known) for m, p in mods.items()}
-  for m in mods:  # Importing a.b.c imports its packages a and a.b first.
-    parts = m.split('.')
-    for i in range(1, len(parts)):
-      parent = '.'.join(parts[:i])
-      if parent in known and parent != m:
-        graph[m].add(parent)
-  return graph
+  # Edges are the imports written in the files. Python also initialises a module's
+  # parent packages first; that is not counted: a package __init__ that re-exports its
+  # submodules is no circle unless a submodule imports a name from the package.
+  return {m: _imports(p, m, known) for m, p in mods.items()}
 
 
 def test_research_has_no_import_cycle():
@@ -135,8 +131,11 @@ GOLDEN_PTQ = {'int_eval': 5.154392242431641, 'float_eval': 5.153912544250488,
 
 
 def _losses(workdir: str) -> dict[str, list[float]]:
+  """Per-step train losses at the logged steps (rows are window means since the
+  goldens were taken; ``last_step_loss`` is the step's own) and the eval losses."""
   rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  return {split: [r['loss'] for r in rows if r['split'] == split] for split in ('train', 'eval')}
+  return {'train': [r['last_step_loss'] for r in rows if r['split'] == 'train'],
+          'eval': [r['loss'] for r in rows if r['split'] == 'eval']}
 
 
 def _features(base: str) -> dict[str, dict]:
@@ -291,3 +290,33 @@ def test_a_foreign_directory_is_never_trained_into(tmp_path):
   with pytest.raises(runs.RunError, match='is not a training run of ours.*refusing'):
     recipe.prepare(c, str(tmp_path / 'ft'))
   assert sorted(os.listdir(foreign)) == ['notes.txt']
+
+
+def test_finetune_split_overlap_is_warned_and_can_be_matched(tmp_path, caplog):
+  """A source pretrained with data.eval_fraction=0.05 holds out fewer files than a
+  fine-tuning eval split of 0.2: warned; match_source_split takes the source's."""
+  import logging
+  from research import recipe
+  from research.config import base_config
+  src = tmp_path / 'src'
+  src.mkdir()
+  source_cfg = base_config()
+  source_cfg.data.eval_fraction = 0.05
+  (src / 'config.json').write_text(json.dumps({'config': source_cfg.to_dict()}))
+  over = {'task': 'classification', 'finetune.init_from': str(src),
+          'data.eval_fraction': 0.2}
+  with caplog.at_level(logging.WARNING):
+    recipe.prepare(smoke_config(**over), None)
+  assert any('match_source_split' in r.getMessage() for r in caplog.records)
+  c = smoke_config(**over, **{'finetune.match_source_split': True})
+  recipe.prepare(c, None)
+  assert c.data.eval_fraction == 0.05
+
+
+def test_nan_anywhere_in_the_config_is_one_line():
+  from research.config import ConfigError
+  from research.validation import validate_config
+  for key in ('optimizer.learning_rate', 'loss.z_loss', 'model.rope_theta'):
+    with pytest.raises(ConfigError, match=key.replace('.', r'\.') + '=nan') as e:
+      validate_config(smoke_config(**{key: float('nan')}))
+    assert '\n' not in str(e.value)

@@ -36,6 +36,9 @@ from research.config import ConfigError
 # model.* keys that define the backbone's parameters: taken from the source.
 ARCH_KEYS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
              'mlp_kind', 'mlp_dim', 'norm', 'norm_eps', 'positions', 'rope_theta',
+             'rope_scaling', 'rope_factor', 'rope_low_freq_factor', 'rope_high_freq_factor',
+             'rope_original_max_len', 'rope_beta_fast', 'rope_beta_slow',
+             'rope_attention_factor', 'rope_truncate', 'sliding_window', 'window_layers',
              'max_seq_len', 'tie_embeddings', 'use_bias', 'scan_layers')
 # data.* keys that define the tokenizer: taken from one of our sources.
 TOKENIZER_KEYS = ('tokenizer', 'spm_vocab_size', 'spm_train_chars')
@@ -63,6 +66,7 @@ def take_architecture(config: ml_collections.ConfigDict, workdir: str | None) ->
     arch = {k: src.model[k] for k in ARCH_KEYS}
     for k in TOKENIZER_KEYS:
       config.data[k] = src.data[k]
+    check_split_overlap(config, src)
     if workdir:
       _copy_tokenizer(f.init_from, src.data.tokenizer, workdir)
   changed = {k: (config.model[k], v) for k, v in arch.items() if config.model[k] != v}
@@ -74,6 +78,32 @@ def take_architecture(config: ml_collections.ConfigDict, workdir: str | None) ->
   if config.seq_len > config.model.max_seq_len:
     raise ConfigError(f'seq_len={config.seq_len} exceeds the pretrained model\'s '
                       f'max_seq_len={config.model.max_seq_len}; lower seq_len.')
+
+
+def check_split_overlap(config: ml_collections.ConfigDict,
+                        src: ml_collections.ConfigDict) -> None:
+  """Warns when this run's eval files may be files the source trained on.
+
+  File sources are split by a hash of each path against ``data.eval_fraction``: a
+  larger fraction's eval split contains files the source run (smaller fraction, same
+  corpus) trained on. ``finetune.match_source_split`` takes the source's fraction.
+  """
+  d, s = config.data, src.data
+  same_corpus = d.source == s.source and (d.source == 'stdlib' or d.path == s.path)
+  if not same_corpus or d.source not in ('stdlib', 'text_files', 'jsonl', 'parquet'):
+    return
+  if config.finetune.match_source_split:
+    if d.eval_fraction != s.eval_fraction:
+      logging.info('finetune.match_source_split: data.eval_fraction %s -> %s (the source\'s)',
+                   d.eval_fraction, s.eval_fraction)
+      d.eval_fraction = s.eval_fraction
+    return
+  if d.eval_fraction > s.eval_fraction:
+    logging.warning(
+        'finetune: data.eval_fraction=%s > the source run\'s %s on the same corpus: this '
+        'run\'s eval files include files the source pretrained on, so its eval overstates '
+        'generalisation. Set finetune.match_source_split=True (or data.eval_fraction=%s).',
+        d.eval_fraction, s.eval_fraction, s.eval_fraction)
 
 
 def source_tokenizer(config: ml_collections.ConfigDict, default):

@@ -18,7 +18,8 @@ from research.tasks import Task
 
 NAME = 'quant_init'
 SHAPE_KEYS = ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim',
-              'mlp_kind', 'norm', 'positions', 'tie_embeddings', 'scan_layers', 'use_bias')
+              'mlp_kind', 'norm', 'positions', 'tie_embeddings', 'scan_layers', 'use_bias',
+              'rope_scaling', 'sliding_window', 'window_layers')
 
 
 def check_source(run_dir: str, config: ml_collections.ConfigDict) -> None:

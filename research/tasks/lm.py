@@ -14,8 +14,13 @@ from research.tasks import Task
 
 
 def lm_forward(model, batch, deterministic: bool, *, return_hidden: bool = False):
-  """Logits [B, L, V] (or the final hidden states [B, L, D] for a chunked loss)."""
-  return model(batch['inputs'], deterministic=deterministic, return_hidden=return_hidden)
+  """Logits [B, L, V] (or the final hidden states [B, L, D] for a chunked loss).
+
+  Packed windows with ``data.document_masking`` carry ``segment_ids`` (tokens attend
+  only within their document) and ``positions`` restarting at each document.
+  """
+  return model(batch['inputs'], deterministic=deterministic, return_hidden=return_hidden,
+               segment_ids_BL=batch.get('segment_ids'), positions_BL=batch.get('positions'))
 
 
 def lm_loss(model, outputs, batch, deterministic: bool, *, z_loss: float = 0.0,
