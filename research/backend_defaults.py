@@ -1,0 +1,82 @@
+"""Execution choices made by backend: how a config's step runs, never what it computes.
+
+A config describes a model and its training; some settings only decide how XLA runs
+that update, and the fast choice differs by backend. Rather than a CPU-only variant
+of each config (``small.py:cpu=True``), the run resolves them here, from the backend
+it is about to run on, so the config a user runs is the fast one everywhere:
+
+* CPU: ``model.projection_vjp='transpose_input'`` (research/models/projection.py): the
+  same gradients up to float reassociation, the same parameters and checkpoints;
+  XLA:CPU otherwise lays the weight-gradient dots out by transposing the big side.
+  Only for plain pretraining: QAT intercepts the forward ``dot_general`` and needs
+  autodiff's backward, and fine-tuning/distillation/pruning wrappers are left as
+  written (none has been measured with it).
+* GPU/TPU: nothing changes.
+
+``model.scan_layers`` is deliberately not switched: it changes the parameter tree
+(``blocks/...`` stacked vs ``blocks/<i>/...``), so a checkpoint written on one backend
+would not restore on another. ``backend_defaults=False`` runs the config as written.
+
+The persistent compilation cache (:func:`enable_compilation_cache`) is the other
+start-up choice: a rerun of the same step on the same machine loads the executable
+instead of compiling it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+CACHE_OFF_ENV = 'RESEARCH_COMPILATION_CACHE'  # '0': no persistent compilation cache.
+CACHE_SIZE_ENV = 'JAX_COMPILATION_CACHE_MAX_SIZE'
+CACHE_MAX_BYTES = 2 << 30  # LRU-evicted beyond 2 GiB.
+
+
+def default_cache_dir() -> str:
+  root = os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache'))
+  return os.path.join(root, 'research', 'jax_compilation_cache')
+
+
+def enable_compilation_cache() -> str | None:
+  """Points JAX's persistent compilation cache at the user cache dir (before jax is
+  imported: JAX reads ``JAX_COMPILATION_CACHE_DIR`` at import). An explicit
+  ``JAX_COMPILATION_CACHE_DIR`` wins; ``RESEARCH_COMPILATION_CACHE=0`` turns it off.
+  JAX caches only compilations longer than ``jax_persistent_cache_min_compile_time_secs``
+  (1 s), so small test jits never reach the disk. Returns the directory, or None."""
+  if os.environ.get(CACHE_OFF_ENV, '1') == '0':
+    return None
+  if os.environ.get(CACHE_ENV):
+    return os.environ[CACHE_ENV]  # The user's own cache, configured as they set it.
+  # Our directory always gets a size bound: it turns on JAX's LRU eviction, which also
+  # takes a file lock around reads and writes (without it concurrent processes can see
+  # a half-written entry). Not imposed on a user's directory: JAX's eviction fails to
+  # write into a directory whose entries were written without it (no atime files).
+  os.environ.setdefault(CACHE_SIZE_ENV, str(CACHE_MAX_BYTES))
+  os.environ[CACHE_ENV] = default_cache_dir()
+  return os.environ[CACHE_ENV]
+
+
+def overrides(config: ml_collections.ConfigDict, backend: str) -> dict[str, Any]:
+  """The dotted-key changes :func:`apply` makes to ``config`` on ``backend``."""
+  from research.feature_validation import active_features
+  if not config.get('backend_defaults', True) or backend != 'cpu':
+    return {}
+  out: dict[str, Any] = {}
+  if config.model.projection_vjp == 'autodiff' and not active_features(config):
+    out['model.projection_vjp'] = 'transpose_input'
+  return out
+
+
+def apply(config: ml_collections.ConfigDict, backend: str | None = None) -> dict[str, Any]:
+  """Applies :func:`overrides` in place (``backend``: default JAX's); returns them."""
+  if backend is None:
+    import jax
+    backend = jax.default_backend()
+  changes = overrides(config, backend)
+  if changes:
+    from research.config import override
+    override(config, changes)
+  return changes

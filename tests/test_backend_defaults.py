@@ -1,0 +1,82 @@
+"""Backend execution choices change how a step runs, not the run's losses."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from research import backend_defaults
+from tests.helpers import smoke_config
+
+
+def test_cpu_gets_the_transpose_input_backward_and_accelerators_nothing():
+  c = smoke_config()
+  assert backend_defaults.overrides(c, 'cpu') == {'model.projection_vjp': 'transpose_input'}
+  for backend in ('gpu', 'tpu', 'cuda', 'rocm'):
+    assert backend_defaults.overrides(c, backend) == {}
+  before = c.to_dict()
+  assert backend_defaults.apply(c, 'tpu') == {} and c.to_dict() == before
+  assert not any('scan_layers' in k for k in backend_defaults.overrides(c, 'cpu'))
+
+
+@pytest.mark.parametrize('changes', [{'backend_defaults': False},
+                                     {'quant.mode': 'qat', 'quant.weight_bits': 8},
+                                     {'model.projection_vjp': 'transpose_input'}])
+def test_left_as_written(changes):
+  c = smoke_config(**changes)
+  assert backend_defaults.overrides(c, 'cpu') == {}
+
+
+def _losses(config, steps=4):
+  from research import recipe
+  from research import sharding as shd
+  from research import step as step_lib
+  from research.benchmark import synthetic_batch
+  from research.train_state import create_train_state
+  config, task, _ = recipe.compose(config, build_tokenizer=False)
+  mesh = shd.mesh_from_config(config.mesh)
+  ts = create_train_state(config, mesh, task)
+  sharding = step_lib.batch_sharding(mesh, config)
+  step = step_lib.make_train_step(config, task, ts, sharding)
+  out, state = [], ts.state
+  with shd.use_mesh(mesh, shd.rules_from_config(config.mesh)):
+    for i in range(steps):
+      config.seed = i  # A different batch each step.
+      state, m = step(state, synthetic_batch(config, sharding))
+      out.append(float(m['loss']))
+  return np.array(out), jax.tree.leaves(jax.device_get(state))
+
+
+@pytest.mark.parametrize('block', ['swiglu', 'gpt2'])
+def test_cpu_choice_keeps_the_losses(block):
+  from benchmarks.side_by_side import GPT2_BLOCK
+  extra = GPT2_BLOCK if block == 'gpt2' else {}
+  written = smoke_config(**extra, backend_defaults=False)
+  chosen = smoke_config(**extra)
+  assert backend_defaults.apply(chosen, 'cpu')
+  l0, p0 = _losses(written)
+  l1, p1 = _losses(chosen)
+  assert l0[-1] < l0[0]
+  np.testing.assert_allclose(l1, l0, rtol=2e-5)
+  for a, b in zip(p0, p1):
+    np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
+                               rtol=1e-3, atol=2e-5)
+
+
+def test_compilation_cache_env(monkeypatch, tmp_path):
+  for k in (backend_defaults.CACHE_ENV, backend_defaults.CACHE_SIZE_ENV,
+            backend_defaults.CACHE_OFF_ENV):
+    monkeypatch.delenv(k, raising=False)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  assert backend_defaults.enable_compilation_cache() == str(
+      tmp_path / 'research' / 'jax_compilation_cache')
+  assert os.environ[backend_defaults.CACHE_SIZE_ENV] == str(backend_defaults.CACHE_MAX_BYTES)
+  monkeypatch.delenv(backend_defaults.CACHE_SIZE_ENV)
+  monkeypatch.setenv(backend_defaults.CACHE_ENV, '/elsewhere')
+  assert backend_defaults.enable_compilation_cache() == '/elsewhere'
+  assert backend_defaults.CACHE_SIZE_ENV not in os.environ  # Theirs, as they set it.
+  monkeypatch.delenv(backend_defaults.CACHE_ENV)
+  monkeypatch.setenv(backend_defaults.CACHE_OFF_ENV, '0')
+  assert backend_defaults.enable_compilation_cache() is None
+  assert backend_defaults.CACHE_ENV not in os.environ
