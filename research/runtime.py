@@ -18,6 +18,7 @@ import re
 import shlex
 import socket
 import sys
+import threading
 import traceback
 from typing import Callable, Iterator, Sequence
 
@@ -73,14 +74,28 @@ class _DropKnownNoise(py_logging.Filter):
     return not any(p in message for p in self.PATTERNS)
 
 
+class _NoLibraryTracebacks(py_logging.Filter):
+  """A library logging an exception with its traceback (Orbax's async save thread on a
+  full disk) stays off stderr: the entry point reports that error in one line, and the
+  log file keeps the traceback."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    library = any(s in record.pathname for s in ('/orbax/', '/grain/', '/jax/', '/asyncio/',
+                                                 '/concurrent/'))
+    return not (library and record.exc_info)
+
+
 def setup() -> None:
   """Quiet third-party noise before jax is imported."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from research.backend_defaults import enable_compilation_cache
+  enable_compilation_cache()  # Reruns load the compiled step (time to first step).
   from absl import logging as absl_logging
 
   handler = absl_logging.get_absl_handler()
   handler.addFilter(_DropLibraryInfo())
   handler.addFilter(_DropKnownNoise())
+  handler.addFilter(_NoLibraryTracebacks())
   # Orbax logs through absl and through its own python loggers; filter at the source
   # too, so the log file is spared the same noise.
   absl_logging.get_absl_logger().addFilter(_DropKnownNoise())
@@ -130,6 +145,7 @@ def log_to_file(workdir: str, name: str = 'train.log') -> str | None:
     root.setLevel(py_logging.INFO)
   _log_file.update(path=path, handler=handler, stream=stream)
   sys.unraisablehook = _unraisable_to_log
+  threading.excepthook = _thread_exception_to_log
   return path
 
 
@@ -197,6 +213,18 @@ def _unraisable_to_log(unraisable) -> None:
 
 
 _default_unraisablehook = sys.unraisablehook
+
+
+def _thread_exception_to_log(args) -> None:
+  """An exception that ends a library thread (an async save) goes to the log file; the
+  main thread reports its consequence in one line."""
+  if not _log_file:
+    return _default_threading_excepthook(args)
+  trace = ''.join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+  _to_log(f'Exception in thread {getattr(args.thread, "name", "?")}: {trace}')
+
+
+_default_threading_excepthook = threading.excepthook
 
 
 # --------------------------------------------------------------------------- exiting
