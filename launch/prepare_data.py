@@ -28,7 +28,7 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing store at
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from research.data import sources, token_store, tokenizers
+  from research.data import catalog, sources, token_store, tokenizers
   out = os.path.abspath(os.path.expanduser(_OUT.value or ''))
   if not _OUT.value:
     raise runtime.UserError('--out is required; pass --out=DIR (the store to write).')
@@ -37,7 +37,7 @@ def main(argv):
   if data.source == 'tokens':
     raise runtime.UserError('data.source=tokens is already a store; name a raw source '
                             '(stdlib, text_files, jsonl, parquet, tfds).')
-  sources.validate_data_config(data)
+  catalog.validate_data_config(data)
   if os.path.exists(out) and os.listdir(out) and not _OVERWRITE.value:
     if not os.path.exists(os.path.join(out, token_store.MANIFEST)):
       raise runtime.UserError(f'--out={out} exists and is not a token store; pass an empty '

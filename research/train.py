@@ -35,7 +35,7 @@ from research import runs
 from research import sharding as shd
 from research import step as step_lib
 from research.config import ConfigError
-from research.data import sources
+from research.data import catalog
 from research.evaluate import evaluate
 from research.feature_validation import active_features
 from research.models.transformer import count_params, resolved_dims
@@ -141,7 +141,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, task: Task, tokeni
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                        max_to_keep=config.keep_checkpoints)
   start_step, tokens_seen = 0, 0
-  corpus = sources.corpus_info(config.data)
+  corpus = catalog.corpus_info(config.data)
   fingerprint = resume_check.fingerprint(config, tokenizer, corpus)
   latest = checkpointer.latest_step()
   if latest is not None:

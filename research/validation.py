@@ -17,7 +17,7 @@ import uuid
 import ml_collections
 
 from research.config import ConfigError, check_known_keys
-from research.data.sources import validate_data_config
+from research.data.catalog import validate_data_config
 from research.feature_validation import validate_features
 from research.models.transformer import resolved_dims, validate_model_config
 from research.optim import validate_optimizer_config

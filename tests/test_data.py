@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from research.config import ConfigError, base_config, override
-from research.data import pipeline, sources, tokenizers
+from research.data import catalog, pipeline, sources, tokenizers
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -129,11 +129,11 @@ def test_stdlib_split_is_deterministic_disjoint_and_fingerprinted():
   assert not any(part in ('test', 'tests', 'idle_test', 'site-packages')
                  for r in corpus.rel_paths for part in r.split('/'))
   assert 0.02 < len(ev) / len(corpus.rel_paths) < 0.1  # eval_fraction=0.05
-  info = sources.corpus_info(c.data)
+  info = catalog.corpus_info(c.data)
   sources._file_corpus.cache_clear()  # Recompute from disk: same answer.
   corpus2 = sources.file_corpus(c.data)
   assert corpus2.split_paths('eval') == ev
-  assert sources.corpus_info(c.data) == info
+  assert catalog.corpus_info(c.data) == info
   assert info['fingerprint'] == corpus.fingerprint and len(info['fingerprint']) == 40
   assert info['train_files'] + info['eval_files'] == info['num_files'] == len(corpus.rel_paths)
   assert info['total_bytes'] > 1_000_000 and info['python_version']
@@ -142,7 +142,7 @@ def test_stdlib_split_is_deterministic_disjoint_and_fingerprinted():
 
 def test_text_files_glob_split_and_batches(text_dir):
   c = files_cfg(text_dir)
-  sources.validate_data_config(c.data)
+  catalog.validate_data_config(c.data)
   corpus = sources.file_corpus(c.data)
   assert len(corpus.rel_paths) == 24 and corpus.mode == 'files'
   assert corpus.rel_paths[0].startswith('d0/')  # Relative to the glob's root.
@@ -158,7 +158,7 @@ def test_single_text_file_is_split_by_tail(tmp_path):
   path = tmp_path / 'book.txt'
   path.write_text(''.join(f'line {i}\n' for i in range(1000)))
   c = cfg(**{'data.source': 'text_files', 'data.path': str(path)})
-  sources.validate_data_config(c.data)
+  catalog.validate_data_config(c.data)
   assert sources.file_corpus(c.data).mode == 'tail'
   train = ''.join(sources.file_documents(c.data, 'train'))
   ev = ''.join(sources.file_documents(c.data, 'eval'))
@@ -169,18 +169,18 @@ def test_single_text_file_is_split_by_tail(tmp_path):
 def test_empty_glob_is_a_one_line_config_error(tmp_path):
   c = cfg(**{'data.source': 'text_files', 'data.path': f'{tmp_path}/nothing/**/*.txt'})
   with pytest.raises(ConfigError) as e:
-    sources.validate_data_config(c.data)
+    catalog.validate_data_config(c.data)
   msg = str(e.value)
   assert msg.startswith(f"data.path: glob '{tmp_path}/nothing/**/*.txt' matched no files;")
   assert '\n' not in msg and 'data.source=stdlib' in msg
   c.data.path = ''
   with pytest.raises(ConfigError, match='data.path'):
-    sources.validate_data_config(c.data)
+    catalog.validate_data_config(c.data)
 
 
 def test_unknown_source_names_the_key():
   with pytest.raises(ConfigError, match=r"data.source='hdfs' is unknown.*stdlib.*text_files.*tfds"):
-    sources.validate_data_config(cfg(**{'data.source': 'hdfs'}).data)
+    catalog.validate_data_config(cfg(**{'data.source': 'hdfs'}).data)
 
 
 # ------------------------------------------------------------------------- TFDS
@@ -208,8 +208,8 @@ def test_tfds_mock_gives_batches_without_tensorflow():
   import tensorflow_datasets as tfds
   c = tfds_cfg()
   with tfds.testing.mock_data(num_examples=20):
-    sources.validate_data_config(c.data)
-    info = sources.corpus_info(c.data)
+    catalog.validate_data_config(c.data)
+    info = catalog.corpus_info(c.data)
     assert info['train_examples'] == 20 and info['eval_split'] == 'validation'
     it = pipeline.make_lm_iterator(c, BYTES, 'train', batch_size_per_process=4)
     for batch in take(it, 5):
@@ -312,7 +312,7 @@ def test_tfds_offline_not_prepared_error_is_fast_and_helpful(tmp_path):
   c = tfds_cfg(**{'data.tfds_data_dir': str(tmp_path / 'tfds')})
   t0 = time.perf_counter()
   with pytest.raises(ConfigError) as e:
-    sources.validate_data_config(c.data)
+    catalog.validate_data_config(c.data)
   assert time.perf_counter() - t0 < 20  # Never waits on the network.
   msg = str(e.value)
   assert '\n' not in msg
@@ -320,16 +320,16 @@ def test_tfds_offline_not_prepared_error_is_fast_and_helpful(tmp_path):
                'data.tfds_data_dir', 'data.source=stdlib / text_files'):
     assert part in msg, msg
   with pytest.raises(ConfigError, match="no dataset named 'no_such_dataset_xyz'"):
-    sources.validate_data_config(tfds_cfg(**{'data.name': 'no_such_dataset_xyz'}).data)
+    catalog.validate_data_config(tfds_cfg(**{'data.name': 'no_such_dataset_xyz'}).data)
   with pytest.raises(ConfigError, match='data.name'):
-    sources.validate_data_config(tfds_cfg(**{'data.name': ''}).data)
+    catalog.validate_data_config(tfds_cfg(**{'data.name': ''}).data)
 
 
 def test_tfds_text_key_error():
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=2):
     with pytest.raises(ConfigError, match=r"data.text_key='body'.*\['text'\]"):
-      sources.validate_data_config(tfds_cfg(**{'data.text_key': 'body'}).data)
+      catalog.validate_data_config(tfds_cfg(**{'data.text_key': 'body'}).data)
 
 
 # --------------------------------------------------------------------- pipeline

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from research.config import ConfigError, base_config, override
-from research.data import pipeline, sources, token_store, tokenizers
+from research.data import catalog, pipeline, sources, token_store, tokenizers
 from tests.helpers import REPO
 
 BYTES = tokenizers.ByteTokenizer()
@@ -95,7 +95,7 @@ def test_jsonl_and_parquet_sources(tmp_path, caplog):
   streams = {}
   for src, path in [('jsonl', 'j/*.jsonl'), ('parquet', 'p/*.parquet')]:
     c = cfg(**{'data.source': src, 'data.path': f'{tmp_path}/{path}', 'data.eval_fraction': 0.1})
-    sources.validate_data_config(c.data)
+    catalog.validate_data_config(c.data)
     with caplog.at_level(logging.WARNING):
       for split in ('train', 'eval'):
         streams[src, split] = pipeline.token_stream(c.data, BYTES, split)
@@ -110,10 +110,10 @@ def test_jsonl_and_parquet_sources(tmp_path, caplog):
   np.testing.assert_array_equal(jboth, BYTES.encode_documents(texts))
   assert "skipped 2 record(s) that are not valid JSON or have no string field 'text'" in caplog.text
   with pytest.raises(ConfigError, match=r"data.text_key='body' is not a column of a.parquet"):
-    sources.validate_data_config(cfg(**{'data.source': 'parquet', 'data.text_key': 'body',
+    catalog.validate_data_config(cfg(**{'data.source': 'parquet', 'data.text_key': 'body',
                                         'data.path': f'{tmp_path}/p/*.parquet'}).data)
   with pytest.raises(ConfigError, match=r"data.text_key='body' is not a field"):
-    sources.validate_data_config(cfg(**{'data.source': 'jsonl', 'data.text_key': 'body',
+    catalog.validate_data_config(cfg(**{'data.source': 'jsonl', 'data.text_key': 'body',
                                         'data.path': f'{tmp_path}/j/*.jsonl'}).data)
 
 
@@ -144,14 +144,14 @@ def test_tokens_source_trains_on_the_same_batches_and_cache_is_reused(tmp_path, 
   assert 'train with --config.data.source=tokens' in r.stdout
   assert 'text_files 12 files (' in r.stderr and 'split by tail: train ' in r.stderr
   tok = cfg(**{'data.source': 'tokens', 'data.path': str(out)})
-  sources.validate_data_config(tok.data)
+  catalog.validate_data_config(tok.data)
   a = [next(first) for _ in range(3)]
   it = pipeline.make_lm_iterator(tok, BYTES, 'train', batch_size_per_process=4)
   for x in a:
     y = next(it)
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
-  info = sources.corpus_info(tok.data)
+  info = catalog.corpus_info(tok.data)
   assert info['store_source']['source'] == 'text_files' and info['train_tokens'] > 0
 
 
@@ -169,7 +169,7 @@ def test_store_made_with_another_tokenizer_is_one_line(tmp_path):
   msg = str(e.value)
   assert '\n' not in msg and "tokenized with 'bytes-v1'" in msg and 'prepare_data' in msg
   with pytest.raises(ConfigError, match='is not a token store'):
-    sources.validate_data_config(cfg(**{'data.source': 'tokens',
+    catalog.validate_data_config(cfg(**{'data.source': 'tokens',
                                         'data.path': str(tmp_path / 'c')}).data)
 
 

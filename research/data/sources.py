@@ -487,7 +487,7 @@ def tfds_split_name(data_cfg: ml_collections.ConfigDict, split: str) -> str:
   return data_cfg.train_split if resolve_split(data_cfg, split) == 'train' else data_cfg.eval_split
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
   text = str(e).strip()
   return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
@@ -505,7 +505,7 @@ def _open_tfds(name: str, split: str, data_dir: str) -> Any:
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ConfigError(f'data.source=tfds needs tensorflow-datasets ({_first_line(e)}); '
+    raise ConfigError(f'data.source=tfds needs tensorflow-datasets ({first_line(e)}); '
                       f'pip install tensorflow-datasets.') from None
   try:
     # download=False: never touch the network here (without it, tfds would try to
@@ -522,15 +522,15 @@ def _open_tfds(name: str, split: str, data_dir: str) -> Any:
       raise _not_prepared(name, data_dir, 'no prepared files found') from None
     raise ConfigError(  # Prepared, but in a format without random access.
         f"data.name: TFDS dataset '{name}' is not in a random-access format "
-        f"({_first_line(e)}); prepare it with --file_format=array_record.") from None
+        f"({first_line(e)}); prepare it with --file_format=array_record.") from None
   except ImportError as e:  # A builder whose code needs TensorFlow or another module.
     raise ConfigError(f"data.name: loading TFDS dataset '{name}' needs a missing module "
-                      f"({_first_line(e)}); install it or use another data.source.") from None
+                      f"({first_line(e)}); install it or use another data.source.") from None
   except ValueError as e:
     if 'split' in str(e).lower():
       raise ConfigError(
           f"data.train_split/data.eval_split: '{split}' is not a split of TFDS dataset "
-          f"'{name}' ({_first_line(e)}).") from None
+          f"'{name}' ({first_line(e)}).") from None
     raise
 
 
@@ -582,7 +582,7 @@ def open_tfds(data_cfg: ml_collections.ConfigDict, split: str) -> Any:
 # ------------------------------------------------------------------- public API
 
 
-def _check_source(data_cfg: ml_collections.ConfigDict) -> None:
+def check_source(data_cfg: ml_collections.ConfigDict) -> None:
   if data_cfg.source not in SOURCES:
     raise ConfigError(f'data.source={data_cfg.source!r} is unknown; allowed: {list(SOURCES)}.')
 
@@ -592,72 +592,9 @@ def _check_eval_fraction(data_cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'data.eval_fraction={data_cfg.eval_fraction} must be in (0, 1).')
 
 
-def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
-  """Fails fast (before anything is compiled) on a data config that cannot work.
-
-  Cheap: lists files (cached) or opens TFDS metadata; reads no document.
-  """
-  _check_source(data_cfg)
-  from research.data.tokenizers import SPM_MIN_VOCAB, TOKENIZERS  # Avoids an import cycle.
-  if data_cfg.tokenizer not in TOKENIZERS:
-    raise ConfigError(f'data.tokenizer={data_cfg.tokenizer!r} is unknown; '
-                      f'allowed: {list(TOKENIZERS)}.')
-  if data_cfg.tokenizer == 'sentencepiece' and data_cfg.spm_vocab_size < SPM_MIN_VOCAB:
-    raise ConfigError(f'data.spm_vocab_size={data_cfg.spm_vocab_size} is too small: byte '
-                      f'fallback needs 256 byte pieces plus 4 special ids; use at least '
-                      f'{SPM_MIN_VOCAB}.')
-  if data_cfg.num_workers < 0:
-    raise ConfigError(f'data.num_workers={data_cfg.num_workers} must be >= 0.')
-  if getattr(data_cfg, 'prepare_workers', 0) < 0:
-    raise ConfigError(f'data.prepare_workers={data_cfg.prepare_workers} must be >= 0 (0: all CPUs).')
-  if data_cfg.source == 'tfds':
-    for split in SPLITS:
-      TfdsTexts(data_cfg, split)
-  elif data_cfg.source == 'tokens':
-    if not data_cfg.path:
-      raise ConfigError("data.path is empty but data.source='tokens' needs a store directory "
-                        "made by python -m launch.prepare_data --out=DIR.")
-    from research.data import token_store  # Late: token_store imports this module.
-    token_store.read_manifest(os.path.expanduser(data_cfg.path))
-  else:
-    corpus = file_corpus(data_cfg)
-    if data_cfg.source in ('jsonl', 'parquet'):
-      _check_text_key(data_cfg, corpus)
-
-
-def _check_text_key(data_cfg: ml_collections.ConfigDict, corpus: FileCorpus) -> None:
-  """The first file has the field ``data.text_key`` (reads one line / the schema)."""
-  rel = corpus.rel_paths[0]
-  path = os.path.join(corpus.root, rel)
-  key = data_cfg.text_key
-  if data_cfg.source == 'parquet':
-    import pyarrow.parquet as pq
-    try:
-      names = pq.ParquetFile(path).schema_arrow.names
-    except Exception as e:  # pylint: disable=broad-except  (pyarrow raises several types)
-      raise ConfigError(f'data.path: {rel} is not a readable Parquet file '
-                        f'({_first_line(e)}).') from None
-    if key not in names:
-      raise ConfigError(f"data.text_key='{key}' is not a column of {rel}; it has {names}.")
-    return
-  with open(path, 'rb') as f:
-    for line in f:
-      if line.strip():
-        try:
-          record = json.loads(line.decode('utf-8', errors='replace'))
-        except ValueError:
-          raise ConfigError(f'data.path: the first record of {rel} is not valid JSON; '
-                            f'data.source=jsonl needs one JSON object per line.') from None
-        if not isinstance(record, dict) or key not in record:
-          fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-          raise ConfigError(f"data.text_key='{key}' is not a field of the first record of "
-                            f"{rel}; it has {fields}.")
-        return
-
-
 def documents(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[str] | Iterator[str]:
   """The texts of ``split``: random access for TFDS, a lazy iterator for files."""
-  _check_source(data_cfg)
+  check_source(data_cfg)
   if data_cfg.source == 'tfds':
     return TfdsTexts(data_cfg, split)
   if data_cfg.source == 'tokens':
@@ -671,38 +608,3 @@ def training_texts(data_cfg: ml_collections.ConfigDict) -> Iterator[str]:
   yield from documents(data_cfg, 'train')
 
 
-def corpus_info(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What the run reads, for its config.json: sizes per split and a fingerprint."""
-  _check_source(data_cfg)
-  info: dict[str, Any] = {'source': data_cfg.source}
-  if data_cfg.source == 'tfds':
-    info.update(name=data_cfg.name, tfds_data_dir=data_cfg.tfds_data_dir,
-                text_key=data_cfg.text_key)
-    for split in SPLITS:
-      info[f'{split}_split'] = tfds_split_name(data_cfg, split)
-      info[f'{split}_examples'] = len(open_tfds(data_cfg, split))
-    return info
-  if data_cfg.source == 'tokens':
-    from research.data import token_store
-    manifest = token_store.read_manifest(os.path.expanduser(data_cfg.path))
-    info.update(path=data_cfg.path, store_source=manifest['source'],
-                tokenizer=manifest['tokenizer']['fingerprint'],
-                **{f'{k}_tokens': v['tokens'] for k, v in manifest['splits'].items()})
-    return info
-  corpus = file_corpus(data_cfg)
-  info.update(
-      python_version=platform.python_version(),
-      python_implementation=platform.python_implementation(),
-      root=corpus.root, split_mode=corpus.mode, eval_fraction=corpus.eval_fraction,
-      num_files=len(corpus.rel_paths), fingerprint=corpus.fingerprint,
-      total_bytes=sum(os.path.getsize(os.path.join(corpus.root, r)) for r in corpus.rel_paths))
-  if data_cfg.source != 'stdlib':
-    info['path'] = data_cfg.path
-  if data_cfg.source in ('jsonl', 'parquet'):
-    info['text_key'] = data_cfg.text_key
-  for split in SPLITS:
-    paths = corpus.split_paths(split)
-    info[f'{split}_files'] = len(paths)
-    if corpus.mode == 'files':
-      info[f'{split}_bytes'] = sum(os.path.getsize(os.path.join(corpus.root, r)) for r in paths)
-  return info
