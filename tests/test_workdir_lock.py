@@ -134,3 +134,50 @@ def test_two_trainings_started_together_one_is_refused(tmp_path):
   assert steps == list(range(1, 9)), steps  # Each step exactly once.
   log = (wd / 'train.log').read_text()
   assert log.count('===== attempt started') == 2 and 'is in use by pid' in log
+
+
+_JOB_PROCESS = textwrap.dedent('''
+    import os, sys
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+    import jax
+    workdir, port, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                               process_id=index)
+    from research.workdir_lock import hold_for_job
+    from research.runtime import UserError
+    try:
+      with hold_for_job(workdir):
+        print('acquired', flush=True)
+    except UserError as e:
+      print('error:', e, flush=True)
+''')
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _run_job(workdir) -> list[str]:
+  """Two processes of one jax.distributed job call hold_for_job; their stdout lines."""
+  port = str(_free_port())
+  procs = [_python(_JOB_PROCESS, str(workdir), port, str(i)) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outs]
+  return [out.strip().splitlines()[-1] for out, _ in outs]  # After gloo's chatter.
+
+
+def test_a_multi_process_job_shares_the_lock_and_a_refused_job_stops_everywhere(tmp_path):
+  wd = tmp_path / 'run'
+  assert _run_job(wd) == ['acquired', 'acquired']  # Process 1 is not refused by process 0.
+  holder = _start_holder(wd)
+  try:
+    out0, out1 = _run_job(wd)
+  finally:
+    holder.kill()
+    holder.wait(timeout=60)
+  assert out0.startswith(f'error: workdir {wd} is in use by pid {holder.pid} on '), out0
+  assert out1.startswith(f'error: workdir {wd} is in use by another job'), out1
