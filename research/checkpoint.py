@@ -175,6 +175,14 @@ class Checkpointer:
     except (OSError, ValueError, RuntimeError) as e:
       raise self._save_failed(step, e) from None
 
+  def read_meta(self, step: int) -> dict[str, Any] | None:
+    """The ``meta`` item of ``step`` alone (nothing else read), or None if unreadable."""
+    try:
+      restored = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception:  # pylint: disable=broad-except  (a corrupt step: restore() decides)
+      return None
+    return dict(restored.meta)
+
   def restore(self, step: int, abstract_state: Any, data_iterator: Any = None
               ) -> tuple[Any, dict[str, Any]]:
     """Restores ``state`` into ``abstract_state``'s shardings, the iterator in place.

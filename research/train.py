@@ -145,10 +145,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, task: Task, tokeni
   fingerprint = resume_check.fingerprint(config, tokenizer, corpus)
   latest = checkpointer.latest_step()
   if latest is not None:
+    saved = checkpointer.read_meta(latest)  # Checked before anything is restored.
+    if saved is not None:
+      resume_check.check(saved.get('fingerprint'), fingerprint, workdir=workdir,
+                         step=latest, enforce=config.resume_check)
     abstract = ckpt_lib.abstract_with_shardings(ts.state, ts.shardings)
     restored, meta = checkpointer.restore(latest, abstract, train_iter)
-    resume_check.check(meta.get('fingerprint'), fingerprint, workdir=workdir,
-                       step=int(meta['step']), enforce=config.resume_check)
     ts.state = restored
     start_step, tokens_seen = int(meta['step']), int(meta['tokens_seen'])
     logging.info('Resumed from step %d in %s', start_step, checkpointer.directory)
@@ -197,9 +199,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, task: Task, tokeni
         flush(pending)
       pending = (step, tokens_seen, dev_metrics)
       if step % config.checkpoint_every == 0 or step == config.steps:
+        flush(pending)  # A non-finite step stops before it can be saved.
+        pending = None
         save(step)
       if config.eval_steps and (step % config.eval_every == 0 or step == config.steps):
-        flush(pending)
+        if pending is not None:
+          flush(pending)
         pending = None
         last_eval = evaluate(config, task, tokenizer, eval_fn, ts, batch_sharding,
                              process_index, process_count)
@@ -209,10 +214,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, task: Task, tokeni
         progress.reset_window(time.time())
       preempted = watcher.should_stop(step)
       if (preempted or stop_at_step is not None and step >= stop_at_step) and step < config.steps:
-        if step % config.checkpoint_every:
-          save(step)
         if pending is not None:
           flush(pending)
+        if step % config.checkpoint_every:
+          save(step)
         writer.close()
         checkpointer.close()
         if preempted:

@@ -88,3 +88,17 @@ def test_wandb_config_errors_are_one_line():
   from research.validation import validate_config
   with pytest.raises(ConfigError, match=r"wandb\.mode='cloud'"):
     validate_config(smoke_config(**{'wandb.mode': 'cloud'}))
+
+
+def test_a_non_finite_step_is_never_checkpointed(tmp_path):
+  """nan_policy=stop: the step whose gradients are NaN stops the run before its
+  checkpoint is written, so a resume starts from the last finite state."""
+  from research import recipe, runs
+  from research.train import NonFiniteError
+  wd = str(tmp_path / 'run')
+  c = smoke_config(checkpoint_every=1, eval_steps=0, num_samples=0,
+                   **{'debug.inject_nan_at_step': 3})
+  with pytest.raises(NonFiniteError, match='step 3'):
+    recipe.run(c, wd)
+  steps = runs.checkpoint_steps(wd)  # Step 2's async save may still be committing.
+  assert 1 in steps and 3 not in steps, steps
