@@ -1,0 +1,33 @@
+"""``--config.KEY=VALUE`` overrides for commands that read a run's own config (eval,
+generate): typed and checked against research/config.py's schema by absl, then only the
+keys given on the command line are returned, to be applied onto the run's config."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def define_config_overrides() -> None:
+  from research.config import base_config
+  config_flags.DEFINE_config_dict('config', base_config(),
+                                  'Overrides of the run\'s config: --config.KEY=VALUE.')
+
+
+def config_overrides(argv: list[str] | None = None) -> dict[str, Any]:
+  """{dotted key: typed value} of the ``--config.KEY=VALUE`` flags given."""
+  argv = sys.argv if argv is None else argv
+  config = flags.FLAGS.config
+  out = {}
+  for a in argv[1:]:
+    if not a.startswith('--config.'):
+      continue
+    key = a[len('--config.'):].split('=', 1)[0]
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+    out[key] = node
+  return out
