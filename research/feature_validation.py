@@ -71,12 +71,14 @@ def validate_finetune(config: ml_collections.ConfigDict) -> None:
   if f.mode not in FINETUNE_MODES:
     raise ConfigError(f'finetune.mode={f.mode!r} is unknown; use one of '
                       f'{_choices(FINETUNE_MODES)}.')
-  if f.mode == 'lora':
-    if not _int(f.lora_rank) or f.lora_rank <= 0:
-      raise ConfigError(f'finetune.lora_rank={f.lora_rank!r} must be a positive integer.')
-    if not _num(f.lora_dropout) or not 0.0 <= f.lora_dropout < 1.0:
-      raise ConfigError(f'finetune.lora_dropout={f.lora_dropout!r} must be in [0, 1).')
-    _regex(f.lora_targets, 'finetune.lora_targets')
+  # Ranges are checked whether or not the mode uses them: a wrong value is wrong.
+  if not _int(f.lora_rank) or f.lora_rank <= 0:
+    raise ConfigError(f'finetune.lora_rank={f.lora_rank!r} must be a positive integer.')
+  if not _num(f.lora_alpha) or f.lora_alpha <= 0:
+    raise ConfigError(f'finetune.lora_alpha={f.lora_alpha!r} must be > 0.')
+  if not _num(f.lora_dropout) or not 0.0 <= f.lora_dropout < 1.0:
+    raise ConfigError(f'finetune.lora_dropout={f.lora_dropout!r} must be in [0, 1).')
+  _regex(f.lora_targets, 'finetune.lora_targets')
   if f.mode == 'linear_probe' and config.task != 'classification':
     raise ConfigError("finetune.mode='linear_probe' trains only a new task head, and "
                       f"task={config.task!r} has none; use task=classification, or "
@@ -122,8 +124,7 @@ def validate_prune(config: ml_collections.ConfigDict) -> None:
   if p.method not in PRUNE_METHODS:
     raise ConfigError(f'prune.method={p.method!r} is unknown; use one of '
                       f'{_choices(PRUNE_METHODS)}.')
-  if p.method == 'none':
-    return
+  # Ranges are checked whether or not pruning is on: a wrong value is wrong.
   if not _num(p.sparsity) or not 0.0 <= p.sparsity < 1.0:
     raise ConfigError(f'prune.sparsity={p.sparsity!r} must be in [0, 1) (e.g. 0.5).')
   if not _num(p.initial_sparsity) or not 0.0 <= p.initial_sparsity <= p.sparsity:
@@ -137,16 +138,18 @@ def validate_prune(config: ml_collections.ConfigDict) -> None:
                       f'or >= prune.begin_step={p.begin_step}.')
   if not _int(p.frequency) or p.frequency < 1:
     raise ConfigError(f'prune.frequency={p.frequency!r} must be a positive integer.')
-  if p.begin_step > config.steps:
-    raise ConfigError(f'prune.begin_step={p.begin_step} is after the last step '
-                      f'(steps={config.steps}); lower it.')
-  if p.method == 'nm' and not (_int(p.n) and _int(p.m) and 0 < p.n < p.m):
+  if not (_int(p.n) and _int(p.m) and 0 < p.n < p.m):
     raise ConfigError(f'prune.n={p.n!r}, prune.m={p.m!r}: N:M pruning needs integers '
                       f'0 < n < m (e.g. 2 and 4).')
   if p.structure not in PRUNE_STRUCTURES:
     raise ConfigError(f'prune.structure={p.structure!r} is unknown; use one of '
                       f'{_choices(PRUNE_STRUCTURES)}.')
   _regex(p.targets, 'prune.targets')
+  if p.method == 'none':
+    return
+  if p.begin_step > config.steps:
+    raise ConfigError(f'prune.begin_step={p.begin_step} is after the last step '
+                      f'(steps={config.steps}); lower it.')
   if config.finetune.mode != 'full':
     raise ConfigError(f'prune.method={p.method!r} needs finetune.mode=\'full\' (got '
                       f'{config.finetune.mode!r}); merge LoRA adapters first '
