@@ -201,3 +201,14 @@ def test_stdlib_task_is_deterministic(stdlib):
   assert again.examples == stdlib.examples
   other = stdlib_task.build(0.1)  # Another split holds out other files.
   assert other.info['fingerprint'] != stdlib.info['fingerprint']
+
+
+def test_evaluate_rows_for_a_training_loop(tmp_path):
+  model, tok = _byte_model(), ByteTokenizer()
+  path = _write_jsonl(tmp_path / 'p.jsonl', [
+      {'goal': 'g', 'sol1': 'yes', 'sol2': 'no', 'label': 1}] * 3)
+  c = base_config()
+  c.seq_len, c.model.max_seq_len = 32, 64
+  rows = tasks.evaluate_rows(f'piqa:{path}', model, tok, c, step=7)
+  assert [(r['step'], r['split'], r['n']) for r in rows] == [(7, 'downstream/piqa', 3)]
+  assert rows[0]['acc'] in (0.0, 1.0)  # Three identical examples: all right or all wrong.

@@ -149,3 +149,15 @@ def paired_change(first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]
     out.update({f'{key}_change': diff, f'{key}_change_low': lo, f'{key}_change_high': hi})
   out['ci'] = 'paired_bootstrap95'
   return out
+
+
+def evaluate_rows(specs: str | Sequence[str], model, tokenizer, config, step: int, *,
+                  limit: int = 0) -> list[dict[str, Any]]:
+  """The ``metrics.jsonl`` rows of ``specs`` for ``model`` at ``step``: the one call a
+  training loop needs to score tasks during training (run it under the run's mesh;
+  the context length is the run's ``seq_len``)."""
+  from research.downstream import results
+  max_len = int(min(config.seq_len, config.model.max_seq_len))
+  out = run_tasks(parse_specs(specs), model, tokenizer, max_len=max_len, config=config,
+                  limit=limit)
+  return results.rows(out, step)
