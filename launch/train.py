@@ -25,6 +25,8 @@ def main(argv):
   workdir = _WORKDIR.value
   if not workdir:
     raise runtime.UserError('--workdir is required; pass --workdir=DIR (a writable directory).')
+  from research.validation import check_workdir
+  check_workdir(workdir)  # Writable, before the log file and the lock go into it.
   distributed.initialize_from_flags()  # Multi-process jobs only; before any JAX work.
   import jax
   from research import workdir_lock

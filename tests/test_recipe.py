@@ -168,8 +168,14 @@ def test_composed_feature_reproduces_golden(name, base_run, tmp_path):
   wd = str(tmp_path / name)
   recipe.run(smoke_config(**_features(base_run)[name]), wd)
   got = _losses(wd)
-  np.testing.assert_allclose(got['train'], GOLDEN[name]['train'], rtol=1e-5, err_msg=name)
-  np.testing.assert_allclose(got['eval'], GOLDEN[name]['eval'], rtol=1e-5, err_msg=name)
+  # The refactor itself gave these losses bitwise (checked when it landed). Later
+  # commits that are not the refactor (attention masks, the data pipeline) moved float
+  # rounding; int4 fake-quant amplifies such differences at a rounding boundary
+  # (measured up to 4.9e-5 relative). A missing wrapper moves the losses far more
+  # (QAT vs float at step 6: 2.2e-4; LoRA/distillation/pruning vs base: > 1e-3).
+  rtol = 1e-4 if name.startswith('qat') else 1e-5
+  np.testing.assert_allclose(got['train'], GOLDEN[name]['train'], rtol=rtol, err_msg=name)
+  np.testing.assert_allclose(got['eval'], GOLDEN[name]['eval'], rtol=rtol, err_msg=name)
 
 
 def test_ptq_dispatch_reproduces_golden(base_run, tmp_path):
