@@ -9,6 +9,10 @@ entry point) unchanged, as one argv list (no shell). Each process gets
 ``--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I``. Their
 output is streamed with a ``[pI]`` prefix.
 
+``--gpus_per_process=G`` runs on this machine's GPUs instead: process ``i`` sees GPUs
+``i*G .. i*G+G-1`` (``CUDA_VISIBLE_DEVICES``) and gets the GPU environment of
+research/gpu_env.py (XLA/NCCL flags, memory fraction); no CPU devices are faked.
+
 When a process exits with an error the others are given ``--grace_s`` seconds to
 stop on their own, then killed; the exit code is the first failure's (75 when every
 process stopped after a preemption save). Ctrl-C / SIGTERM is forwarded to all
@@ -50,6 +54,23 @@ def process_env(base: dict[str, str], devices: int) -> dict[str, str]:
   return env
 
 
+def gpu_process_envs(base: dict[str, str], num_processes: int, gpus: int
+                     ) -> list[dict[str, str]]:
+  """One env per process: its own ``gpus`` GPUs and the GPU flags (research/gpu_env.py)."""
+  from research import gpu_env
+  env = dict(base)
+  env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\S*', '',
+                            env.get('XLA_FLAGS', '')).strip()
+  if env.get('JAX_PLATFORMS', '') == 'cpu':
+    env.pop('JAX_PLATFORMS')
+  env.update(gpu_env.gpu_env(env))
+  env['PYTHONUNBUFFERED'] = '1'
+  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    env.pop(k, None)
+  return [dict(env, CUDA_VISIBLE_DEVICES=','.join(str(i * gpus + j) for j in range(gpus)))
+          for i in range(num_processes)]
+
+
 def commands(num_processes: int, port: int, module: str, args: list[str],
              python: str = sys.executable) -> list[list[str]]:
   """The argv of every process."""
@@ -62,16 +83,20 @@ def _exit_code(returncode: int) -> int:
   return 128 - returncode if returncode < 0 else returncode
 
 
-def run(cmds: list[list[str]], env: dict[str, str], *, grace_s: float = 10.0,
+def run(cmds: list[list[str]], env: dict[str, str] | list[dict[str, str]], *, grace_s: float = 10.0,
         preempted_grace_s: float = 120.0, out=None, cwd: str | None = None) -> int:
-  """Runs the processes, prefixes their output, stops all when one fails."""
+  """Runs the processes, prefixes their output, stops all when one fails.
+
+  ``env``: one environment for all, or one per process.
+  """
   out = out or sys.stdout
+  envs = env if isinstance(env, list) else [env] * len(cmds)
   lock = threading.Lock()
   done: queue.Queue = queue.Queue()
   procs: list[subprocess.Popen] = []
   for i, cmd in enumerate(cmds):
     procs.append(subprocess.Popen(
-        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cmd, env=envs[i], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True))  # Ctrl-C reaches us only.
 
   def pump(i: int, p: subprocess.Popen) -> None:
@@ -166,6 +191,9 @@ def _define_flags() -> dict:
       preempt_grace=flags.DEFINE_float(
           'preempted_grace_s', 120.0,
           'After a process exits 75 (preemption save), seconds the others get to do the same.'),
+      gpus=flags.DEFINE_integer(
+          'gpus_per_process', 0, 'GPUs per process (0: fake CPU devices instead).',
+          lower_bound=0),
       dry_run=flags.DEFINE_boolean('dry_run', False, 'Print the commands; run nothing.'),
   )
 
@@ -176,13 +204,23 @@ def main(argv: list[str], f: dict) -> int:
     args = args[1:]
   port = f['port'].value or pick_port()
   cmds = commands(f['num'].value, port, f['module'].value, args)
-  env = process_env(dict(os.environ), f['devices'].value)
+  gpus = f['gpus'].value if 'gpus' in f else 0
+  if gpus:
+    env = gpu_process_envs(dict(os.environ), f['num'].value, gpus)
+  else:
+    env = process_env(dict(os.environ), f['devices'].value)
   if f['dry_run'].value:
-    for cmd in cmds:
-      print(f'JAX_PLATFORMS=cpu XLA_FLAGS={shlex.quote(env["XLA_FLAGS"])} {shlex.join(cmd)}')
+    for i, cmd in enumerate(cmds):
+      if gpus:
+        shown = ' '.join(f'{k}={shlex.quote(env[i][k])}' for k in (
+            'CUDA_VISIBLE_DEVICES', 'XLA_PYTHON_CLIENT_MEM_FRACTION', 'XLA_FLAGS') if k in env[i])
+        print(f'{shown} {shlex.join(cmd)}')
+      else:
+        print(f'JAX_PLATFORMS=cpu XLA_FLAGS={shlex.quote(env["XLA_FLAGS"])} {shlex.join(cmd)}')
     return 0
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(p for p in (repo, env.get('PYTHONPATH')) if p)
+  for e in env if isinstance(env, list) else [env]:
+    e['PYTHONPATH'] = os.pathsep.join(p for p in (repo, e.get('PYTHONPATH')) if p)
   return run(cmds, env, grace_s=f['grace'].value, preempted_grace_s=f['preempt_grace'].value)
 
 

@@ -303,9 +303,132 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, seq_len: 
                    sharding) -> dict[str, jax.ShapeDtypeStruct]:
   """The language-model batch the trainer feeds the step, as ShapeDtypeStructs."""
   shape = (batch_size, seq_len)
-  return {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
-          'targets': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
-          'mask': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
+  batch = {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+           'targets': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+           'mask': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
+  if config.data.document_masking:  # Packed documents: research/data/pipeline.py.
+    for key in ('segment_ids', 'positions'):
+      batch[key] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+  return batch
+
+
+def resolve_vocab(config: ml_collections.ConfigDict) -> None:
+  """model.vocab_size=0 means 'the tokenizer's': take it from data.* without training one."""
+  if config.model.vocab_size == 0:
+    if config.data.tokenizer == 'sentencepiece':
+      config.model.vocab_size = int(config.data.spm_vocab_size)
+    else:
+      from research.data.tokenizers import ByteTokenizer
+      config.model.vocab_size = ByteTokenizer().vocab_size
+
+
+def param_count_estimate(m: ml_collections.ConfigDict) -> int:
+  """Parameters of the decoder LM from its shapes (no model built)."""
+  from research.models.transformer import padded_vocab_size
+  dims = resolved_dims(m)
+  d, h, f = m.d_model, dims['head_dim'], dims['mlp_dim']
+  attn = d * h * (m.num_heads * 2 + dims['num_kv_heads'] * 2)
+  mlp = d * f * (3 if m.mlp_kind == 'swiglu' else 2)
+  vocab = padded_vocab_size(m.vocab_size) * d * (1 if m.tie_embeddings else 2)
+  return m.num_layers * (attn + mlp + 2 * d) + vocab + d
+
+
+def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
+  """PaLM's 6N + 12 L d T per token, times the tokens of one step."""
+  from research.models.transformer import padded_vocab_size
+  m = config.model
+  dims = resolved_dims(m)
+  n = param_count_estimate(m) - padded_vocab_size(m.vocab_size) * m.d_model * (
+      1 if m.tie_embeddings else 2) - m.d_model
+  per_token = metrics_lib.model_flops_per_token(n, m.num_layers, m.num_heads * dims['head_dim'],
+                                                config.seq_len)
+  return per_token * config.batch_size * config.seq_len
+
+
+def analytic_memory(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> dict[str, float]:
+  """Bytes per device of a train step, written down from the shapes (no compiler).
+
+  State: parameters and gradients in ``param_dtype`` and Adam's two moments in float32
+  (other optimizers: the same two-moment size, an upper bound), split over
+  ``fsdp x tensor`` (norms replicated: negligible).
+
+  Activations, per device, for a micro-batch of ``b = batch / (data*fsdp*accum)``
+  sequences of ``L`` tokens, compute dtype of ``a`` bytes, ``t`` tensor shards:
+
+  * saved for the backward pass, per layer, by ``model.remat``: ``full`` keeps the
+    block input ``b L D``; ``dots_with_no_batch_dims_saveable`` also the projection
+    outputs (q, k, v, attention out, MLP in/out: ``b L (3D + (N+2K)H/t + kF/t)``,
+    k = 2 for SwiGLU); ``dots_saveable`` also the attention scores (float32
+    ``b N/t L^2``) and values; ``none`` everything of the block (with the
+    softmax probabilities in the compute dtype);
+  * one layer being differentiated: its attention scores and their gradient, both
+    float32, ``b N/t L^2 (4 + 4)`` (the compute-dtype probabilities are fused into
+    the matmuls that consume them: seen in the TPU compiler's peaks, 7B/v5p-256 and
+    70B/v5p-1024, README "Scaling"), plus its MLP hidden activations and gradients
+    ``4 b L kF/t a`` (recomputed first when not saved);
+  * the output layer: logits in the compute dtype, their float32 copy and the
+    float32 gradient, ``b L V/t (a + 4 + 4)`` (a ``loss.chunk_size`` of C tokens
+    replaces L by C);
+  * FSDP: one layer's weights gathered and its gradient before the reduce-scatter
+    (2 x one layer, in the parameter dtype); gradient accumulation: one more
+    gradient-sized buffer.
+  """
+  from research.models.transformer import padded_vocab_size
+  m = config.model
+  dims = resolved_dims(m)
+  data, fsdp, t = mesh.get('data', 1), mesh.get('fsdp', 1), mesh.get('tensor', 1)
+  seq = mesh.get('sequence', 1)
+  k_acc = config.optimizer.grad_accum_steps
+  a = 2 if m.dtype in ('bfloat16', 'float16') else 4
+  pb = 2 if m.param_dtype in ('bfloat16', 'float16') else 4
+  n_params = param_count_estimate(m)
+  state_shards = fsdp * t
+  params = n_params * pb / state_shards
+  grads = params
+  optimizer = 2 * n_params * 4 / state_shards if config.optimizer.name != 'sgd' else 0.0
+  b = config.batch_size / (data * fsdp * k_acc)
+  L = config.seq_len / seq
+  D, H = m.d_model, dims['head_dim']
+  N = m.num_heads / t
+  K = dims['num_kv_heads'] / t if dims['num_kv_heads'] % t == 0 else dims['num_kv_heads']
+  F = dims['mlp_dim'] / t
+  kf = 2 if m.mlp_kind == 'swiglu' else 1
+  V = padded_vocab_size(m.vocab_size) / t
+  tok = b * L
+  scores = b * N * config.seq_len * L  # Keys are never split (sequence shards gather them).
+  per_layer = {
+      'full': tok * D * a,
+      'dots_with_no_batch_dims_saveable': tok * a * (3 * D + (N + 2 * K) * H + kf * F),
+  }
+  per_layer['dots_saveable'] = per_layer['dots_with_no_batch_dims_saveable'] + scores * 4 + tok * N * H * a
+  per_layer['none'] = per_layer['dots_saveable'] + scores * a + tok * a * (2 * D + (N + K) * H + (kf + 1) * F)
+  saved = m.num_layers * per_layer.get(m.remat, per_layer['none'])
+  layer_attention = scores * (4 + 4)
+  layer_mlp = 4 * tok * kf * F * a
+  chunk = config.loss.chunk_size if config.loss.chunk_size and config.seq_len % config.loss.chunk_size == 0 else config.seq_len
+  output = b * min(chunk, L) * V * (a + 4 + 4)
+  layer_weights = (n_params - padded_vocab_size(m.vocab_size) * D * (1 if m.tie_embeddings else 2)) / m.num_layers
+  largest = max(layer_weights, padded_vocab_size(m.vocab_size) * D)  # A layer, or the embedding.
+  fsdp_gather = 2 * largest * pb / t if fsdp > 1 else 0.0
+  accumulator = grads if k_acc > 1 else 0.0
+  state = params + grads + optimizer
+  activations = saved + layer_attention + layer_mlp + output
+  total = state + activations + fsdp_gather + accumulator
+  return {'params': params, 'grads': grads, 'optimizer': optimizer, 'state': state,
+          'saved_per_layer': per_layer.get(m.remat, per_layer['none']), 'saved': saved,
+          'layer_attention': layer_attention, 'layer_mlp': layer_mlp, 'output_layer': output,
+          'fsdp_gather': fsdp_gather, 'accumulator': accumulator,
+          'activations': activations, 'total': total}
+
+
+def resolve_memory_fraction(memory_fraction: float | None) -> float:
+  """The GPU memory share a run gets (research/gpu_env.py): explicit, env, or default."""
+  if memory_fraction is not None:
+    if not 0.0 < memory_fraction <= 1.0:
+      raise PlanError(f'--memory_fraction={memory_fraction} must be in (0, 1].')
+    return float(memory_fraction)
+  from research import gpu_env
+  return gpu_env.memory_fraction()
 
 
 def _compile_step(config, mesh, rules, ts, task, batch_size, seq_len):
@@ -316,7 +439,15 @@ def _compile_step(config, mesh, rules, ts, task, batch_size, seq_len):
     t0 = time.perf_counter()
     lowered = step.lower(ts.state, batch)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is translated.
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      line = next((l for l in str(e).splitlines() if 'memory' in l.lower()), str(e))
+      err = PlanError(f'{config.name} does not fit: the compiler refuses it: {line.strip()[:300]}')
+      err.compile_s = time.perf_counter() - t1
+      raise err from None
     t2 = time.perf_counter()
   mem = compiled.memory_analysis()
   m = {k: int(getattr(mem, k, 0) or 0) for k in (
@@ -324,7 +455,7 @@ def _compile_step(config, mesh, rules, ts, task, batch_size, seq_len):
       'temp_size_in_bytes', 'generated_code_size_in_bytes')}
   m['peak_bytes'] = (m['argument_size_in_bytes'] + m['output_size_in_bytes']
                      - m['alias_size_in_bytes'] + m['temp_size_in_bytes'])
-  return compiled, m, {'lower_s': t1 - t0, 'compile_s': t2 - t1}
+  return compiled, m, {'lower_s': t1 - t0, 'compile_s': t2 - t1}, lowered
 
 
 def check_fits(report: dict[str, Any], device_memory_gb: float) -> None:
@@ -339,7 +470,8 @@ def check_fits(report: dict[str, Any], device_memory_gb: float) -> None:
   else:
     need, what = mem['analytic_floor'], 'the state alone (analytic, before compiling)'
   report['device_memory_gb'] = device_memory_gb
-  report['fits'] = need <= device_memory_gb * GiB
+  fraction = report.get('memory_fraction') or 1.0
+  report['fits'] = need <= device_memory_gb * fraction * GiB
   if report['fits']:
     return
   if report.get('compiled'):
@@ -350,7 +482,9 @@ def check_fits(report: dict[str, Any], device_memory_gb: float) -> None:
   err = PlanError(
       f'{report["config_name"]} does not fit: {what} needs {need / GiB:.1f} GiB per device '
       f'on mesh {_mesh_str(report["mesh"])} ({report["devices"]} devices) but '
-      f'--device_memory_gb={device_memory_gb:g} (params {mem["params"] / GiB:.1f} + grads '
+      f'--device_memory_gb={device_memory_gb:g}'
+      + (f' x memory fraction {fraction:g}' if fraction != 1.0 else '')
+      + f' (params {mem["params"] / GiB:.1f} + grads '
       f'{mem["grads"] / GiB:.1f} + optimizer {mem["optimizer"] / GiB:.1f} GiB); use {fix}.')
   err.report = report
   raise err
@@ -376,6 +510,18 @@ def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float | None = 
   rules = shd.rules_from_config(config.mesh)
   n_dev = mesh.devices.size
   processes = len({d.process_index for d in devices})
+  platform = devices[0].platform
+  chip = None
+  if platform == 'tpu':
+    from research import topology as topology_lib
+    chip = topology.chip if topology is not None else topology_lib.chip_for_device_kind(
+        devices[0].device_kind)
+    if device_memory_gb is None and chip is not None:
+      device_memory_gb = chip.hbm_bytes / GiB
+    fraction = 1.0  # The TPU compiler's HBM figure is what a program may use.
+  else:
+    # CPU devices stand in for GPUs: a GPU run gets its memory fraction (gpu_env).
+    fraction = resolve_memory_fraction(memory_fraction)
   check_batch_divisibility(config, dict(mesh.shape), processes)
   check_tensor_divisibility(config.model, mesh.shape['tensor'])
   t0 = time.perf_counter()
@@ -426,15 +572,31 @@ def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float | None = 
       'collectives': {},
       'timing_s': {'abstract_state': abstract_s},
       'device_memory_gb': device_memory_gb,
+      'memory_fraction': fraction,
+      'platform': platform,
+      'topology': topology.describe() if topology is not None else None,
       'compiled': False,
+      'cannot_know': _cannot_know(platform, config),
   }
+  mem['analytic'] = analytic_memory(config, dict(mesh.shape))
   if device_memory_gb is not None:
     report['timing_s']['total'] = time.perf_counter() - t_start
     check_fits(report, device_memory_gb)  # Refuses before compiling if the state can't fit.
 
-  compiled, cmem, times = _compile_step(config, mesh, rules, ts, task, config.batch_size,
-                                        config.seq_len)
+  try:
+    compiled, cmem, times, lowered = _compile_step(config, mesh, rules, ts, task,
+                                                   config.batch_size, config.seq_len)
+  except PlanError as e:
+    report['fits'] = False
+    report['timing_s']['compile_s'] = getattr(e, 'compile_s', None)
+    report['timing_s']['total'] = time.perf_counter() - t_start
+    e.report = report
+    raise
   hlo = analyze_hlo(compiled.as_text())
+  # FLOPs from the lowered (pre-optimisation, global) module: the TPU compiler's
+  # optimised HLO writes matmuls as windowed convolutions that cannot be counted
+  # reliably; the lowered one has plain dots and the scan loops with their bounds.
+  glob = analyze_hlo(lowered.as_text(dialect='hlo'))
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
@@ -447,18 +609,22 @@ def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float | None = 
       cmem['state_arguments'] / (mem['params'] + mem['optimizer'] + mem['other_state']) - 1.0)
   report['compiled'] = True
   report['flops'].update({
-      'hlo_matmul_flops_per_device': hlo['dot_flops'],
-      'hlo_matmul_flops_per_step': hlo['dot_flops'] * n_dev,
+      'hlo_matmul_flops_per_device': glob['dot_flops'] / n_dev,
+      'hlo_matmul_flops_per_step': glob['dot_flops'],
       'xla_cost_analysis_flops_per_device': float(cost.get('flops', 0.0)),
-      'loops_with_unknown_trip_count': hlo['loops_with_unknown_trip_count'],
+      'loops_with_unknown_trip_count': (glob['loops_with_unknown_trip_count']
+                                        + hlo['loops_with_unknown_trip_count']),
   })
   report['collectives'] = hlo['collectives']
   report['timing_s'].update(times)
+  report['time_estimate'] = time_estimate(report, cost, glob, platform, chip)
+  an = mem['analytic']
+  mem['analytic_vs_compiled'] = an['total'] / max(cmem['peak_bytes'], 1) - 1.0
 
   if floor:
     shards = mesh.shape['data'] * mesh.shape['fsdp'] * config.optimizer.grad_accum_steps
     floor_seq = min(config.seq_len, max(16, mesh.shape['sequence']))
-    _, fmem, ftimes = _compile_step(config, mesh, rules, ts, task, shards, floor_seq)
+    _, fmem, ftimes, _ = _compile_step(config, mesh, rules, ts, task, shards, floor_seq)
     report['floor'] = {
         'batch_size': shards, 'seq_len': floor_seq, 'peak_bytes': fmem['peak_bytes'],
         'memory': fmem,
@@ -472,6 +638,65 @@ def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float | None = 
   if device_memory_gb is not None:
     check_fits(report, device_memory_gb)
   return report
+
+
+def time_estimate(report: dict[str, Any], cost: dict[str, Any], glob: dict[str, Any],
+                  platform: str, chip) -> dict[str, Any]:
+  """Step time from the compiler's estimate, corrected for loops, with the collectives.
+
+  ``cost_analysis()['optimal_seconds']`` (the TPU compiler's roofline estimate of the
+  program) counts each loop body once, like its FLOPs: measured with libtpu 0.0.42.1,
+  a 16-step scan of a matmul reports the same seconds as a 1-step one. The
+  correction multiplies it by (matmul FLOPs with trip counts / matmul FLOPs with each
+  body once) from the lowered module. Collective time is the bytes each device
+  moves per step over the chip's ICI bandwidth; the step time takes the two as
+  overlapped (the latency-hiding scheduler's goal): ``max(compute, collectives)``.
+  Without a compiler estimate (the CPU compiler has none) the compute time is the
+  matmul FLOPs at the target's peak.
+  """
+  n = report['devices']
+  once = glob.get('dot_flops_loop_bodies_once') or 0.0
+  loop_factor = glob['dot_flops'] / once if once else 1.0
+  optimal = cost.get('optimal_seconds')
+  peak = chip.peak_bf16_flops if chip is not None else 989e12
+  link = chip.ici_bw if chip is not None else 450e9
+  if optimal is not None and optimal > 0:
+    compute, source = float(optimal) * loop_factor, 'compiler optimal_seconds x loop trip counts'
+  else:
+    compute = glob['dot_flops'] / n / peak
+    source = f'matmul FLOPs at {peak / 1e12:.0f} TFLOP/s ({"chip" if chip else "H100/H200 bf16"} peak)'
+  coll_bytes = sum(v['bytes_per_step'] for v in report['collectives'].values())
+  collective = coll_bytes / link
+  step = max(compute, collective)
+  tokens = report['tokens_per_step']
+  return {'compiler_optimal_seconds': None if optimal is None else float(optimal),
+          'loop_factor': loop_factor, 'compute_s': compute, 'compute_source': source,
+          'collective_bytes_per_device': coll_bytes, 'collective_s': collective,
+          'link_bytes_per_s': link, 'step_s': step,
+          'tokens_per_s_per_device': tokens / step / n if step else 0.0,
+          'mfu': report['flops']['model_flops_per_step_6N'] / (step * n * peak) if step else 0.0,
+          'peak_flops_per_device': peak}
+
+
+def _cannot_know(platform: str, config: ml_collections.ConfigDict) -> list[str]:
+  """What a plan compiled by this backend cannot tell about the target accelerator."""
+  if platform == 'tpu':
+    return ['compiled by the TPU compiler for compile-only devices: memory and time are '
+            "the compiler's figures; nothing ran (no measured step time, no host/input "
+            'pipeline cost)']
+  notes = ['the CPU compiler stands in for the GPU one: fusion, buffer reuse and the '
+           'collective algorithms differ on GPU (treat memory as an estimate)',
+           'no compiler time estimate on CPU: compute time is the matmul FLOPs at the '
+           'H100/H200 peak',
+           'GPU memory: a run can use device memory x its memory fraction '
+           '(XLA_PYTHON_CLIENT_MEM_FRACTION; research/gpu_env.py), not all of it']
+  if config.model.dtype in ('bfloat16', 'float16'):
+    notes.insert(1, 'the CPU compiler keeps bfloat16 activations at float32 size: compiled '
+                    'activations overstate a GPU run by up to 2x (see the analytic estimate)')
+  if config.model.attention_impl == 'cudnn':
+    notes.append('cuDNN attention is a GPU custom call: the CPU plan uses XLA attention, '
+                 'which holds the [B, N, L, L] scores cuDNN never materialises')
+  return notes
 
 
 # --------------------------------------------------------------------------- output
@@ -495,7 +720,8 @@ def format_report(r: dict[str, Any]) -> str:
   lines = [
       f"plan: {r['config_name']}  {r['param_count'] / 1e9:.2f}B params "
       f"({r['param_count_non_embedding'] / 1e9:.2f}B non-embedding)",
-      f"mesh: {_mesh_str(r['mesh'])} = {r['devices']} devices ({r['device_kind']})",
+      f"mesh: {_mesh_str(r['mesh'])} = {r['devices']} devices ({r['device_kind']})"
+      + (f" on {r['topology']}" if r.get('topology') else ''),
       f"step: batch {r['batch_size']} x seq {r['seq_len']} = {r['tokens_per_step']:,} tokens"
       f" (grad_accum {r['grad_accum_steps']}); dtype {r['dtype']}, params {r['param_dtype']},"
       f" remat {r['remat']}, {r['optimizer']}",
@@ -527,8 +753,26 @@ def format_report(r: dict[str, Any]) -> str:
           f"  floor peak (batch {fl['batch_size']} x seq {fl['seq_len']}) "
           f"{_gib(fl['peak_bytes']).strip()}: state floor {100 * fl['vs_analytic_floor']:+.1f}%,"
           f" params+grads+optimizer {100 * fl['vs_params_grads_optimizer']:+.1f}%")
+  an = m.get('analytic')
+  if an:
+    lines += [
+        'memory per device (analytic estimate: shapes x dtypes x shards, remat policy):',
+        f"  params + grads + optimizer  {_gib(an['state'])}",
+        f"  saved activations           {_gib(an['saved'])}   ({r['remat']}: "
+        f"{_gib(an['saved_per_layer']).strip()} per layer)",
+        f"  one layer's backward        {_gib(an['layer_attention'] + an['layer_mlp'])}   "
+        f"(attention scores/probs and grads; MLP)",
+        f"  output layer                {_gib(an['output_layer'])}   (logits, float32 copy, grad)",
+        f"  FSDP gather + accumulator   {_gib(an['fsdp_gather'] + an['accumulator'])}",
+        f"  = TOTAL                     {_gib(an['total'])}"
+        + (f"   ({100 * m['analytic_vs_compiled']:+.1f}% vs the compiled peak)"
+           if 'analytic_vs_compiled' in m else ''),
+    ]
   if r.get('device_memory_gb') is not None:
-    lines.append(f"  fits in {r['device_memory_gb']:g} GiB: {'yes' if r.get('fits') else 'NO'}")
+    frac = r.get('memory_fraction') or 1.0
+    usable = f" x {frac:g} = {r['device_memory_gb'] * frac:.1f} GiB usable" if frac != 1.0 else ''
+    lines.append(f"  fits in {r['device_memory_gb']:g} GiB{usable}: "
+                 f"{'yes' if r.get('fits') else 'NO'}")
   if r.get('compiled'):
     lines += [
         'FLOPs per step:',
@@ -547,6 +791,21 @@ def format_report(r: dict[str, Any]) -> str:
       if v:
         lines.append(f"  {op:20s} {v['count']:4d} in HLO, {v['per_step']:6d} executed, "
                      f"{_gib(v['bytes_per_step'])}")
+  te = r.get('time_estimate')
+  if te:
+    opt = te['compiler_optimal_seconds']
+    lines += [
+        'step time estimate per device:',
+        f"  compute      {te['compute_s']:9.4f} s   ({te['compute_source']}"
+        + (f"; optimal_seconds {opt:.4f} x {te['loop_factor']:.2f}" if opt is not None else '') + ')',
+        f"  collectives  {te['collective_s']:9.4f} s   ({_gib(te['collective_bytes_per_device']).strip()}"
+        f" at {te['link_bytes_per_s'] / 1e9:.0f} GB/s)",
+        f"  step         {te['step_s']:9.4f} s   (max: overlapped) -> "
+        f"{te['tokens_per_s_per_device']:,.0f} tokens/s per device, MFU {100 * te['mfu']:.1f}%",
+    ]
+  for note in r.get('cannot_know') or ():
+    lines.append(f'  cannot know: {note}')
   t = r['timing_s']
-  lines.append('time (s): ' + ', '.join(f'{k.removesuffix("_s")} {v:.1f}' for k, v in t.items()))
+  lines.append('time (s): ' + ', '.join(f'{k.removesuffix("_s")} {v:.1f}' for k, v in t.items()
+                                        if v is not None))
   return '\n'.join(lines)

@@ -41,7 +41,8 @@ def test_planner_cli_memory_matches_analytic_and_lists_collectives(tmp_path):
   ratio = rep['flops']['hlo_matmul_flops_per_step'] / rep['flops']['model_flops_per_step_6N']
   assert 1.0 < ratio < 1.5, ratio
   for needle in ('memory per device', 'params+grads+optimizer', 'PEAK', 'FLOPs per step',
-                 'all-gather', 'fits in 80 GiB: yes'):
+                 'all-gather', 'fits in 80 GiB x 0.9 = 72.0 GiB usable: yes',
+                 'cannot know: GPU memory'):
     assert needle in r.stdout, r.stdout
 
 
@@ -90,3 +91,36 @@ def test_hlo_flops_multiply_loop_bodies_by_trip_count():
   assert rep['fits']
   with pytest.raises(PlanError, match='the compiled train step needs'):
     check_fits(rep, 0.5 * peak / GiB)
+  # CPU devices stand in for GPUs: only the memory fraction of a GPU is usable.
+  assert rep['platform'] == 'cpu' and rep['memory_fraction'] == 0.9
+  with pytest.raises(PlanError, match='x memory fraction 0.9'):
+    check_fits(rep, 1.05 * peak / GiB)
+  rep['memory_fraction'] = 1.0
+  check_fits(rep, 1.05 * peak / GiB)
+  assert rep['fits']
+  assert any('memory fraction' in note for note in rep['cannot_know'])
+  an = rep['memory_per_device']['analytic']
+  assert an['total'] == pytest.approx(an['state'] + an['activations'] + an['fsdp_gather']
+                                      + an['accumulator'])
+
+
+def test_search_candidates_and_analytic_screen_without_compiling():
+  from research import plan_search
+  from research.plan import analytic_memory, resolve_vocab
+  from experiments.pretrain import llama
+  c = llama.get_config('size=7b')
+  resolve_vocab(c)
+  cands = plan_search.candidates(c, 128, tensors=(1, 8), remats=('full', 'none'), accums=(1, 2))
+  meshes = {(o['mesh.data'], o['mesh.fsdp'], o['mesh.tensor']) for o in cands}
+  assert (1, 128, 1) in meshes and (1, 16, 8) in meshes and (128, 1, 1) in meshes
+  assert all(d * f * t == 128 for d, f, t in meshes)
+  # remat='none' keeps every layer's attention scores: the screen refuses it at 7B/128.
+  full = analytic_memory(c, {'data': 1, 'fsdp': 128, 'tensor': 1})
+  c.model.remat = 'none'
+  none = analytic_memory(c, {'data': 1, 'fsdp': 128, 'tensor': 1})
+  assert none['total'] > 10 * full['total']
+  # Micro-batches halve the activations, not the state.
+  c.model.remat, c.optimizer.grad_accum_steps = 'full', 2
+  acc = analytic_memory(c, {'data': 1, 'fsdp': 128, 'tensor': 1})
+  assert acc['saved'] == pytest.approx(full['saved'] / 2)
+  assert acc['state'] == full['state']

@@ -25,6 +25,7 @@ import re
 from typing import Any, Sequence
 
 from launch.cluster.common import LaunchError, program
+from research import gpu_env
 from research.runtime import EXIT_PREEMPTED
 
 _DNS_LABEL = re.compile(r'^[a-z]([-a-z0-9]*[a-z0-9])?$')
@@ -79,6 +80,10 @@ def _pod_spec(o: K8sOptions, args: Sequence[str]) -> dict[str, Any]:
       {'name': 'JAX_NUM_PROCESSES', 'value': str(o.num_processes)},
       {'name': 'PYTHONUNBUFFERED', 'value': '1'},
   ] + [{'name': k, 'value': v} for k, v in o.env.items()]
+  if o.gpus_per_process:  # XLA/NCCL flags and memory fraction (research/gpu_env.py).
+    extra = gpu_env.gpu_env(o.env)
+    env = [e for e in env if e['name'] not in extra] + [
+        {'name': k, 'value': v} for k, v in extra.items()]
   resources: dict[str, Any] = {}
   if o.gpus_per_process:
     resources['limits'] = {o.gpu_resource: o.gpus_per_process}

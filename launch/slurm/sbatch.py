@@ -38,6 +38,7 @@ from typing import Sequence
 
 from launch.cluster.common import (LaunchError, check_single_line, check_token,
                                    export_lines, program)
+from research import gpu_env
 from research.runtime import EXIT_PREEMPTED
 
 
@@ -148,6 +149,8 @@ def _body(o: SlurmOptions, what: str, array: str | None, prelude: list[str],
   lines += _directives(o, array)
   lines.append('')
   env = {'PYTHONUNBUFFERED': '1', **o.env}
+  if o.gpus_per_node:  # XLA/NCCL flags and memory fraction (research/gpu_env.py).
+    env.update(gpu_env.gpu_env(o.env))
   if o.port:
     env['JAX_COORDINATOR_PORT'] = str(o.port)
   lines += export_lines(env)
