@@ -15,7 +15,14 @@ it is about to run on, so the config a user runs is the fast one everywhere:
 
 ``model.scan_layers`` is deliberately not switched: it changes the parameter tree
 (``blocks/...`` stacked vs ``blocks/<i>/...``), so a checkpoint written on one backend
-would not restore on another. ``backend_defaults=False`` runs the config as written.
+would not restore on another.
+
+Opt-in for now (``backend_defaults=True``; default False runs ``model.*`` as written):
+switched on, the float-rounding differences of the plain run carry into runs built on
+it, and QAT fine-tuning from such a base moves ``tests/test_recipe.py``'s
+``qat_finetune`` golden losses by 7e-5 relative (the tolerance there is 1e-5); making it
+the default means re-recording those goldens. ``recipe.run`` and ``launch.benchmark``
+both call :func:`apply`, so the benchmark always runs the step training runs.
 
 The persistent compilation cache (:func:`enable_compilation_cache`) is the other
 start-up choice: a rerun of the same step on the same machine loads the executable
@@ -62,7 +69,7 @@ def enable_compilation_cache() -> str | None:
 def overrides(config: ml_collections.ConfigDict, backend: str) -> dict[str, Any]:
   """The dotted-key changes :func:`apply` makes to ``config`` on ``backend``."""
   from research.feature_validation import active_features
-  if not config.get('backend_defaults', True) or backend != 'cpu':
+  if not config.get('backend_defaults', False) or backend != 'cpu':
     return {}
   out: dict[str, Any] = {}
   if config.model.projection_vjp == 'autodiff' and not active_features(config):

@@ -145,9 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.wandb.entity = ''
   c.wandb.run_name = ''  # '': the workdir's name.
   c.wandb.dir = ''  # '': WORKDIR/wandb.
-  # Execution choices by backend (research/backend_defaults.py: on CPU the projections'
-  # transpose_input backward, same gradients); False: run model.* exactly as written.
-  c.backend_defaults = True
+  # True: execution choices by backend (research/backend_defaults.py: on CPU the
+  # projections' transpose_input backward, same gradients up to float rounding).
+  c.backend_defaults = False
 
   c.debug = ml_collections.ConfigDict()
   c.debug.inject_nan_at_step = 0  # Fault injection (tests): NaN gradients at this step.

@@ -33,7 +33,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from research import runs
+from research import backend_defaults, runs
 from research import sharding as shd
 from research import workdir_lock
 from research.compress import distill, prune
@@ -203,6 +203,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     prepare(config, workdir)
     tokenizer = make_tokenizer(config, workdir)
     resolve_vocab(config, tokenizer.vocab_size)
+    backend_defaults.apply(config)  # Opt-in (backend_defaults=True): CPU execution choices.
     task = compose_task(config, workdir)
     return train(config, workdir, task=task, tokenizer=tokenizer, stop_at_step=stop_at_step)
 

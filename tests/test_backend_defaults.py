@@ -11,7 +11,8 @@ from tests.helpers import smoke_config
 
 
 def test_cpu_gets_the_transpose_input_backward_and_accelerators_nothing():
-  c = smoke_config()
+  assert backend_defaults.overrides(smoke_config(), 'cpu') == {}  # Opt-in.
+  c = smoke_config(backend_defaults=True)
   assert backend_defaults.overrides(c, 'cpu') == {'model.projection_vjp': 'transpose_input'}
   for backend in ('gpu', 'tpu', 'cuda', 'rocm'):
     assert backend_defaults.overrides(c, backend) == {}
@@ -24,7 +25,7 @@ def test_cpu_gets_the_transpose_input_backward_and_accelerators_nothing():
                                      {'quant.mode': 'qat', 'quant.weight_bits': 8},
                                      {'model.projection_vjp': 'transpose_input'}])
 def test_left_as_written(changes):
-  c = smoke_config(**changes)
+  c = smoke_config(**{'backend_defaults': True, **changes})
   assert backend_defaults.overrides(c, 'cpu') == {}
 
 
@@ -53,7 +54,7 @@ def test_cpu_choice_keeps_the_losses(block):
   from benchmarks.side_by_side import GPT2_BLOCK
   extra = GPT2_BLOCK if block == 'gpt2' else {}
   written = smoke_config(**extra, backend_defaults=False)
-  chosen = smoke_config(**extra)
+  chosen = smoke_config(**extra, backend_defaults=True)
   assert backend_defaults.apply(chosen, 'cpu')
   l0, p0 = _losses(written)
   l1, p1 = _losses(chosen)

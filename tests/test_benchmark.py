@@ -8,7 +8,7 @@ from tests.helpers import run_cli
 def test_benchmark_writes_report(tmp_path):
   out = tmp_path / 'benchmark.json'
   r = run_cli(['launch.benchmark', '--config=experiments/pretrain/tiny.py:smoke=True',
-               '--steps=2', '--warmup=1', f'--out={out}'],
+               '--steps=2', '--warmup=1', f'--out={out}', '--config.backend_defaults=True'],
               env={'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache')})
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads(out.read_text())
@@ -26,7 +26,7 @@ def test_benchmark_writes_report(tmp_path):
   assert roof['flops'] == max(roof['per_size_flops'].values()) == report['peak_flops_total']
   assert 'measured in the benchmark process' in roof['method']
   assert abs(report['mfu'] - report['model_tflops_per_sec'] * 1e12 / roof['flops']) < 1e-9
-  # The execution choice recipe.run makes on CPU is the one benchmarked.
+  # The execution choice recipe.run makes on CPU (opted in) is the one benchmarked.
   assert report['backend_defaults'] == {'model.projection_vjp': 'transpose_input'}
   assert report['model']['projection_vjp'] == 'transpose_input'
   assert report['compilation_cache_dir'] == str(tmp_path / 'jax_cache')
