@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 200
   c.eval_steps = 10
   c.eval_tokens = 0  # 0: the first eval_steps batches; -1: the whole eval split; N>0: N tokens.
+  c.eval_tasks = ''  # Downstream tasks scored at each eval (research/downstream), e.g. 'stdlib_mc'.
   c.checkpoint_every = 200
   c.keep_checkpoints = 2
   c.num_samples = 3  # Decoded at the end of pretraining.

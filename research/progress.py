@@ -80,10 +80,14 @@ class Progress:
         row['z_loss'] = float(m['z_loss'])
       self.last_train = row
       self.writer.write(row)
-    eta = metrics_lib.format_duration(dt * (c.steps - step))
-    logging.info('step %d/%d  loss %.4f (mean of %d)  lr %.2e  %.0f tok/s  mfu %.1f%%  '
-                 '%.3fs/step  eta %s', step, c.steps, means.get('loss', float('nan')), n, lr,
-                 tps, 100 * mfu, dt, eta)
+    if first:  # Its time is mostly compilation: no rate or ETA from it.
+      logging.info('step %d/%d  loss %.4f  lr %.2e  first step %.1fs (compilation included)',
+                   step, c.steps, means.get('loss', float('nan')), lr, now - self.t_start)
+    else:
+      eta = metrics_lib.format_duration(dt * (c.steps - step))
+      logging.info('step %d/%d  loss %.4f (mean of %d)  lr %.2e  %.0f tok/s  mfu %.1f%%  '
+                   '%.3fs/step  eta %s', step, c.steps, means.get('loss', float('nan')), n,
+                   lr, tps, 100 * mfu, dt, eta)
     self.last_line_t = now
     if row_due:
       self.reset_window(now)

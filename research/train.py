@@ -36,6 +36,7 @@ from research import sharding as shd
 from research import step as step_lib
 from research.config import ConfigError
 from research.data import catalog
+from research.downstream import tasks as downstream
 from research.evaluate import evaluate
 from research.feature_validation import active_features
 from research.models.transformer import count_params, resolved_dims
@@ -211,6 +212,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, task: Task, tokeni
         if last_eval:
           writer.write({'step': step, 'split': 'eval', **last_eval})
           logging.info('eval step %d  loss %.4f', step, last_eval['loss'])
+        if config.eval_tasks:  # Downstream multiple-choice scores (research/downstream).
+          for row in downstream.evaluate_rows(config.eval_tasks,
+                                              nnx.merge(ts.graphdef, ts.state)[0],
+                                              tokenizer, config, step):
+            writer.write(row)
         progress.reset_window(time.time())
       preempted = watcher.should_stop(step)
       if (preempted or stop_at_step is not None and step >= stop_at_step) and step < config.steps:

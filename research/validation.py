@@ -177,6 +177,12 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
   validate_mesh_config(config.mesh)
   validate_optimizer_config(config.optimizer)
   validate_features(config)
+  if config.eval_tasks:
+    from research.downstream.tasks import parse_specs
+    try:
+      parse_specs(config.eval_tasks)
+    except ValueError as e:
+      raise ConfigError(f'eval_tasks={config.eval_tasks!r}: {e}') from None
   wandb_writer.validate(config.wandb)
   validate_data_config(config.data)
   if workdir is not None:

@@ -102,3 +102,24 @@ def test_a_non_finite_step_is_never_checkpointed(tmp_path):
     recipe.run(c, wd)
   steps = runs.checkpoint_steps(wd)  # Step 2's async save may still be committing.
   assert 1 in steps and 3 not in steps, steps
+
+
+def test_eval_tasks_score_downstream_during_training_and_reach_the_sweep_table(tmp_path):
+  """eval_tasks: each eval writes a downstream/<task> row; the sweep table shows it."""
+  from research import recipe
+  from research.sweep.results import downstream_cell
+  arc = tmp_path / 'arc.jsonl'
+  with open(arc, 'w') as f:
+    for i in range(6):
+      f.write(json.dumps({'question': f'def f{i}(x): return', 'answerKey': 'A',
+                          'choices': {'label': ['A', 'B'], 'text': [' x', ' ))(']}}) + '\n')
+  wd = str(tmp_path / 'run')
+  recipe.run(smoke_config(num_samples=0, eval_tasks=f'mini=arc:{arc}'), wd)
+  rows = [r for r in _rows(wd, 'downstream/mini')]
+  assert [r['step'] for r in rows] == [3, 6]
+  assert all(0.0 <= r['acc'] <= 1.0 and r['acc_low'] <= r['acc'] <= r['acc_high']
+             for r in rows)
+  assert downstream_cell(wd).startswith('mini ') and downstream_cell(wd).endswith('@6')
+  with pytest.raises(ConfigError, match='eval_tasks'):
+    from research.validation import validate_config
+    validate_config(smoke_config(eval_tasks='nonsense_task'))

@@ -14,6 +14,17 @@ from research.sweep.plan import Plan, Run, write_atomic, read_plan
 from research.sweep.status import OK, run_state
 
 
+def downstream_cell(run_dir: str) -> str:
+  """'stdlib_mc 0.278 [0.253, 0.304] @400; ...' from the run's downstream rows."""
+  from research.downstream.results import downstream_columns
+  cols = downstream_columns(run_dir)
+  names = sorted({k.rsplit('/', 1)[0] for k in cols})
+  return '; '.join(
+      f"{n} {cols[f'{n}/acc']:.3f} [{cols.get(f'{n}/acc_low', float('nan')):.3f}, "
+      f"{cols.get(f'{n}/acc_high', float('nan')):.3f}] @{int(cols[f'{n}/step'])}"
+      for n in names if f'{n}/acc' in cols)
+
+
 def run_result(run: Run) -> dict[str, Any]:
   """Status, error, final metrics and curves of one run (partial runs: from metrics.jsonl)."""
   status, error = run_state(run)
@@ -29,6 +40,9 @@ def run_result(run: Run) -> dict[str, Any]:
   res['final_train_loss'] = summary.get('final_train_loss', train[-1][1] if train else None)
   res['final_eval_loss'] = summary.get('final_eval_loss', evals[-1][1] if evals else None)
   res['best_eval_loss'] = min((v for _, v in evals), default=None)
+  last_eval = next((r for r in reversed(rows) if r.get('split') == 'eval'), {})
+  res['eval_tokens'] = last_eval.get('num_tokens')  # What the eval loss averages over.
+  res['downstream'] = downstream_cell(run.workdir)
   res['tokens_seen'] = summary.get('tokens_seen', tokens[-1][1] if tokens else None)
   res['wall_time_s'] = summary.get('wall_time_s')
   res['steps_done'] = summary.get('steps', max((s for s, _ in train), default=None))
@@ -56,7 +70,9 @@ def aggregate(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         'name': setting, 'overrides': {k: v for k, v in rs[0]['overrides'].items()
                                        if k != 'seed'},
         'seeds': ' '.join(str(r['seed']) for r in rs), 'n_ok': len(ok), 'status': status,
-        'error': '; '.join(f'seed={r["seed"]}: {r["error"]}' for r in rs if r['error'])}
+        'error': '; '.join(f'seed={r["seed"]}: {r["error"]}' for r in rs if r['error']),
+        'downstream': '; '.join(f'seed={r["seed"]}: {r["downstream"]}' for r in ok
+                                if r.get('downstream'))}
     for k in tables.METRIC_COLUMNS:
       vals = [r[k] for r in ok if r[k] is not None]
       mean = statistics.fmean(vals) if vals else None

@@ -14,11 +14,12 @@ from typing import Any, Mapping, Sequence
 from research.key_names import short_names
 from research.sweep.plan import format_value
 
-METRIC_COLUMNS = ('final_train_loss', 'final_eval_loss', 'best_eval_loss', 'tokens_seen',
-                  'wall_time_s', 'steps_done', 'param_count')
+METRIC_COLUMNS = ('final_train_loss', 'final_eval_loss', 'best_eval_loss', 'eval_tokens',
+                  'tokens_seen', 'wall_time_s', 'steps_done', 'param_count')
 STD_COLUMNS = ('final_train_loss', 'final_eval_loss', 'best_eval_loss', 'wall_time_s')
 _HEADS = {'final_train_loss': 'final train loss', 'final_eval_loss': 'final eval loss',
-          'best_eval_loss': 'best eval loss', 'tokens_seen': 'tokens',
+          'best_eval_loss': 'best eval loss', 'eval_tokens': 'eval tokens',
+          'tokens_seen': 'tokens', 'downstream': 'downstream (acc, 95% CI)',
           'wall_time_s': 'wall time (s)', 'steps_done': 'steps done', 'param_count': 'params',
           'n_ok': 'ok runs'}
 
@@ -41,7 +42,7 @@ def table_columns(keys: Sequence[str], seeds: bool) -> list[str]:
     cols.append(k)
     if seeds and k in STD_COLUMNS:
       cols.append(f'{k}_std')
-  cols.append('error')
+  cols += ['downstream', 'error']
   return cols
 
 
@@ -89,7 +90,7 @@ def to_markdown(columns: Sequence[str], rows: Sequence[Mapping[str, str]], keys:
   seeds are swept, no error column when no run has an error."""
   names = short_names(keys)
   shown = [c for c in columns if not c.endswith('_std')
-           and not (c == 'error' and not any(r.get('error') for r in rows))]
+           and not (c in ('error', 'downstream') and not any(r.get(c) for r in rows))]
   lines = ['| ' + ' | '.join(names.get(c) or _HEADS.get(c, c) for c in shown) + ' |',
            '|' + '|'.join('---:' if c in METRIC_COLUMNS else '---' for c in shown) + '|']
   for r in rows:
