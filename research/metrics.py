@@ -28,6 +28,7 @@ PEAK_FLOPS = (
     ('tpu v5p', 459e12),
     ('tpu v5 lite', 197e12),
     ('tpu v5e', 197e12),
+    ('tpu v5', 459e12),  # v5p reports 'TPU v5' (after the v5e names: substring match).
     ('tpu v4', 275e12),
 )
 

@@ -19,6 +19,7 @@ import ml_collections
 from research.config import ConfigError, check_known_keys
 from research.data.catalog import validate_data_config
 from research.feature_validation import validate_features
+from research.models import cudnn_rules
 from research.models.transformer import resolved_dims, validate_model_config
 from research.optim import validate_optimizer_config
 from research import wandb_writer
@@ -174,6 +175,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
   if cs < 0 or (cs and config.seq_len % cs):
     raise ConfigError(f'loss.chunk_size={cs} must be 0 (off) or divide seq_len={config.seq_len}.')
   validate_model_config(config.model, config.seq_len)
+  cudnn_rules.check(config)  # model.attention_impl='cudnn': what the kernel cannot run.
   validate_mesh_config(config.mesh)
   validate_optimizer_config(config.optimizer)
   validate_features(config)
