@@ -1,5 +1,6 @@
 """The package installs and runs outside the repository (pyproject.toml, console commands,
-short config names). About 40 s: a venv, a non-editable install, a smoke training run.
+short config names): a venv, a non-editable install, then train, eval and generate from
+another directory.
 
 The venv sees the system's site-packages (jax etc. are not downloaded again) and the
 install is ``--no-deps --no-build-isolation --no-index``, so nothing is fetched.
@@ -74,6 +75,14 @@ def test_installed_package_trains_from_another_directory(tmp_path):
   rows = [json.loads(ln) for ln in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows if r['split'] == 'eval'] == [3, 6]
   assert os.listdir(workdir / 'checkpoints')
+  # The daily loop continues with the installed eval and generate commands.
+  ev = json.loads(_run([str(venv / 'bin' / 'research-eval'), f'--run={workdir}',
+                        '--eval_tokens=2000'], elsewhere).stdout)
+  assert ev['step'] == 6 and ev['num_tokens'] == 2000 and 0 < ev['loss'] < 6, ev
+  gen = _run([str(venv / 'bin' / 'research-generate'), f'--run={workdir}',
+              '--prompt=def f(', '--max_new_tokens=8', '--greedy'], elsewhere)
+  line = json.loads(gen.stdout.strip().splitlines()[-1])
+  assert line['prompt'] == 'def f(' and isinstance(line['completion'], str), line
 
 
 def test_short_config_names(tmp_path, monkeypatch):
