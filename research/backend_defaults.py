@@ -24,47 +24,15 @@ it, and QAT fine-tuning from such a base moves ``tests/test_recipe.py``'s
 the default means re-recording those goldens. ``recipe.run`` and ``launch.benchmark``
 both call :func:`apply`, so the benchmark always runs the step training runs.
 
-The persistent compilation cache (:func:`enable_compilation_cache`) is the other
-start-up choice: a rerun of the same step on the same machine loads the executable
-instead of compiling it.
+The persistent compilation cache, the other start-up choice, is
+:mod:`research.compile_cache` (set up by every entry point before JAX is imported).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
-
-CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
-CACHE_OFF_ENV = 'RESEARCH_COMPILATION_CACHE'  # '0': no persistent compilation cache.
-CACHE_SIZE_ENV = 'JAX_COMPILATION_CACHE_MAX_SIZE'
-CACHE_MAX_BYTES = 2 << 30  # LRU-evicted beyond 2 GiB.
-
-
-def default_cache_dir() -> str:
-  root = os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache'))
-  return os.path.join(root, 'research', 'jax_compilation_cache')
-
-
-def enable_compilation_cache() -> str | None:
-  """Points JAX's persistent compilation cache at the user cache dir (before jax is
-  imported: JAX reads ``JAX_COMPILATION_CACHE_DIR`` at import). An explicit
-  ``JAX_COMPILATION_CACHE_DIR`` wins; ``RESEARCH_COMPILATION_CACHE=0`` turns it off.
-  JAX caches only compilations longer than ``jax_persistent_cache_min_compile_time_secs``
-  (1 s), so small test jits never reach the disk. Returns the directory, or None."""
-  if os.environ.get(CACHE_OFF_ENV, '1') == '0':
-    return None
-  if os.environ.get(CACHE_ENV):
-    return os.environ[CACHE_ENV]  # The user's own cache, configured as they set it.
-  # Our directory always gets a size bound: it turns on JAX's LRU eviction, which also
-  # takes a file lock around reads and writes (without it concurrent processes can see
-  # a half-written entry). Not imposed on a user's directory: JAX's eviction fails to
-  # write into a directory whose entries were written without it (no atime files).
-  os.environ.setdefault(CACHE_SIZE_ENV, str(CACHE_MAX_BYTES))
-  os.environ[CACHE_ENV] = default_cache_dir()
-  return os.environ[CACHE_ENV]
-
 
 def overrides(config: ml_collections.ConfigDict, backend: str) -> dict[str, Any]:
   """The dotted-key changes :func:`apply` makes to ``config`` on ``backend``."""

@@ -92,9 +92,6 @@ def validate_finetune(config: ml_collections.ConfigDict) -> None:
     if len(rule) != 2:
       raise ConfigError(f'finetune.pretrain_overrides entries are (key, value) pairs, '
                         f'got {rule!r}.')
-  if f.pretrain_config and not f.init_from:
-    raise ConfigError('finetune.pretrain_config needs finetune.init_from=DIR (where the '
-                      'source is pretrained).')
 
 
 def validate_distill(config: ml_collections.ConfigDict) -> None:

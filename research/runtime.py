@@ -88,7 +88,7 @@ class _NoLibraryTracebacks(py_logging.Filter):
 def setup() -> None:
   """Quiet third-party noise before jax is imported."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from research.backend_defaults import enable_compilation_cache
+  from research.compile_cache import enable_compilation_cache
   enable_compilation_cache()  # Reruns load the compiled step (time to first step).
   from absl import logging as absl_logging
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from research import backend_defaults
+from research import backend_defaults, compile_cache
 from tests.helpers import smoke_config
 
 
@@ -66,18 +66,18 @@ def test_cpu_choice_keeps_the_losses(block):
 
 
 def test_compilation_cache_env(monkeypatch, tmp_path):
-  for k in (backend_defaults.CACHE_ENV, backend_defaults.CACHE_SIZE_ENV,
-            backend_defaults.CACHE_OFF_ENV):
+  for k in (compile_cache.CACHE_ENV, compile_cache.CACHE_SIZE_ENV,
+            compile_cache.CACHE_OFF_ENV):
     monkeypatch.delenv(k, raising=False)
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-  assert backend_defaults.enable_compilation_cache() == str(
+  assert compile_cache.enable_compilation_cache() == str(
       tmp_path / 'research' / 'jax_compilation_cache')
-  assert os.environ[backend_defaults.CACHE_SIZE_ENV] == str(backend_defaults.CACHE_MAX_BYTES)
-  monkeypatch.delenv(backend_defaults.CACHE_SIZE_ENV)
-  monkeypatch.setenv(backend_defaults.CACHE_ENV, '/elsewhere')
-  assert backend_defaults.enable_compilation_cache() == '/elsewhere'
-  assert backend_defaults.CACHE_SIZE_ENV not in os.environ  # Theirs, as they set it.
-  monkeypatch.delenv(backend_defaults.CACHE_ENV)
-  monkeypatch.setenv(backend_defaults.CACHE_OFF_ENV, '0')
-  assert backend_defaults.enable_compilation_cache() is None
-  assert backend_defaults.CACHE_ENV not in os.environ
+  assert os.environ[compile_cache.CACHE_SIZE_ENV] == str(compile_cache.CACHE_MAX_BYTES)
+  monkeypatch.delenv(compile_cache.CACHE_SIZE_ENV)
+  monkeypatch.setenv(compile_cache.CACHE_ENV, '/elsewhere')
+  assert compile_cache.enable_compilation_cache() == '/elsewhere'
+  assert compile_cache.CACHE_SIZE_ENV not in os.environ  # Theirs, as they set it.
+  monkeypatch.delenv(compile_cache.CACHE_ENV)
+  monkeypatch.setenv(compile_cache.CACHE_OFF_ENV, '0')
+  assert compile_cache.enable_compilation_cache() is None
+  assert compile_cache.CACHE_ENV not in os.environ

@@ -30,12 +30,13 @@ def test_chunked_loss_matches_full_loss_and_grads():
 def test_lm_objective_chunked_through_the_model():
   from flax import nnx
   from research.models.transformer import Transformer
-  from research.tasks.lm import lm_objective
+  from research.tasks import lm
   from tests.helpers import smoke_config
   c = smoke_config(**{'model.vocab_size': 259})
   model = Transformer(c.model, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 33), 3, 259)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'mask': jnp.ones((2, 32))}
-  plain, _ = lm_objective(model, batch, True)
-  chunked, _ = lm_objective(model, batch, True, chunk_size=8)
+  plain, _ = lm.make_task(c).objective(model, batch, True)
+  c.loss.chunk_size = 8  # The task's forward returns hidden states, its loss applies the head.
+  chunked, _ = lm.make_task(c).objective(model, batch, True)
   np.testing.assert_allclose(chunked, plain, rtol=1e-6)

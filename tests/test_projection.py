@@ -112,7 +112,7 @@ def test_config_validation_names_the_key():
 
 def test_ptq_of_a_transpose_input_model_equals_ptq_of_autodiff():
   """qwix intercepts the projections' ops: quantize_to_integers puts the plain ops back."""
-  from research.quant import quantize_to_integers
+  from research.quant.ptq import quantize_to_integers
   outs = {}
   for vjp in ('autodiff', 'transpose_input'):
     c = smoke_config(**{'model.vocab_size': 259, 'model.projection_vjp': vjp,

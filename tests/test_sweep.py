@@ -252,14 +252,15 @@ def test_sweep_runs_resumes_and_reports_failures(tmp_path):
   rows = _csv(sweep_dir / 'results.csv')
   assert list(rows[0]) == ['name', 'model.d_model', 'optimizer.learning_rate',
                            'model.num_kv_heads', 'status', 'final_train_loss',
-                           'final_eval_loss', 'best_eval_loss', 'tokens_seen', 'wall_time_s',
-                           'steps_done', 'param_count', 'error']
+                           'final_eval_loss', 'best_eval_loss', 'eval_tokens', 'tokens_seen',
+                           'wall_time_s', 'steps_done', 'param_count', 'downstream', 'error']
   assert [r['name'] for r in rows] == names
   good, bad = rows[:4], rows[4]
   assert [r['status'] for r in good] == ['ok'] * 4
   for r in good:
     assert 0 < float(r['final_eval_loss']) < 6 and 0 < float(r['final_train_loss']) < 6
     assert float(r['best_eval_loss']) <= float(r['final_eval_loss'])
+    assert int(r['eval_tokens']) > 0  # The eval loss's token count.
     assert int(r['tokens_seen']) > 0 and float(r['wall_time_s']) > 0 and r['error'] == ''
   assert [r['model.d_model'] for r in good] == ['16', '16', '32', '32']
   assert bad['status'] == 'failed' and bad['model.num_kv_heads'] == '3'
