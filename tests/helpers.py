@@ -44,3 +44,15 @@ def lm_value_and_grad(model, tokens):
       return lm_loss(logits, x[:, 1:], jnp.ones(x[:, 1:].shape))[0]
     return nnx.value_and_grad(loss_fn)(model)
   return value_and_grad(model, tokens)
+
+
+def train_losses(workdir) -> dict[int, float]:
+  """{step: loss} of a run's train rows in metrics.jsonl."""
+  import json
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      row = json.loads(line)
+      if row['split'] == 'train':
+        out[row['step']] = row['loss']
+  return out

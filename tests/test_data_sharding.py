@@ -23,7 +23,7 @@ import pytest
 
 from research.config import base_config, override
 from research.data import pipeline, token_store, tokenizers
-from tests.helpers import REPO
+from tests.helpers import REPO, train_losses
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -104,28 +104,18 @@ def _local(n: int, devices: int, workdir, steps: int, env) -> str:
   return r.stdout
 
 
-def _losses(workdir) -> dict[int, float]:
-  out = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      row = json.loads(line)
-      if row['split'] == 'train':
-        out[row['step']] = row['loss']
-  return out
-
-
 def test_stopped_under_2_processes_resumes_under_1_and_4_with_the_same_losses(tmp_path):
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # launch.local sets each process's device count.
   env['RESEARCH_DATA_CACHE'] = str(tmp_path / 'cache')
   ref = tmp_path / 'uninterrupted'
   _local(1, 2, ref, 20, env)
-  want = _losses(ref)
+  want = train_losses(ref)
   assert sorted(want) == list(range(1, 21))
 
   stopped = tmp_path / 'stopped'
   _local(2, 2, stopped, 10, env)
-  got = _losses(stopped)
+  got = train_losses(stopped)
   np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)],
                              rtol=1e-5)
   for n, devices in [(1, 2), (4, 1)]:
@@ -133,7 +123,7 @@ def test_stopped_under_2_processes_resumes_under_1_and_4_with_the_same_losses(tm
     shutil.copytree(stopped, wd)
     out = _local(n, devices, wd, 20, env)
     assert 'Resumed from step 10' in out, out[-3000:]
-    resumed = _losses(wd)
+    resumed = train_losses(wd)
     assert sorted(resumed) == list(range(1, 21))
     np.testing.assert_allclose([resumed[s] for s in range(11, 21)],
                                [want[s] for s in range(11, 21)], rtol=1e-5,

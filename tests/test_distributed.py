@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from research import distributed as dist
-from tests.helpers import REPO, smoke_config
+from tests.helpers import REPO, smoke_config, train_losses
 
 RTOL = 1e-5
 STEPS = 20
@@ -30,16 +30,6 @@ OVERRIDES = {'steps': STEPS, 'log_every': 1, 'eval_every': 10, 'checkpoint_every
              'num_samples': 0}
 TRAIN_FLAGS = ['--config=experiments/pretrain/tiny.py:smoke=True'] + [
     f'--config.{k}={v}' for k, v in OVERRIDES.items()]
-
-
-def train_losses(workdir) -> dict[int, float]:
-  out = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      row = json.loads(line)
-      if row['split'] == 'train':
-        out[row['step']] = row['loss']
-  return out
 
 
 def single_process_losses(workdir) -> dict[int, float]:

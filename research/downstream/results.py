@@ -15,6 +15,8 @@ import json
 import os
 from typing import Any
 
+from research import run_logs
+
 PREFIX = 'downstream/'
 ROW_KEYS = ('acc', 'acc_low', 'acc_high', 'acc_norm', 'acc_norm_low', 'acc_norm_high', 'n',
             'chance')
@@ -27,20 +29,9 @@ def rows(results: dict[str, dict[str, Any]], step: int | None) -> list[dict[str,
 
 
 def _read(run_dir: str) -> list[dict[str, Any]]:
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  out = []
-  try:
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue  # A line cut by a crash mid-write.
-        if isinstance(row, dict) and str(row.get('split', '')).startswith(PREFIX):
-          out.append(row)
-  except OSError:
-    return []
-  return out
+  """The run's downstream rows (research.run_logs reads the file, torn lines skipped)."""
+  rows = run_logs.read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+  return [r for r in rows if str(r.get('split', '')).startswith(PREFIX)]
 
 
 def downstream_rows(run_dir: str) -> dict[str, dict[int, dict[str, Any]]]:
