@@ -33,8 +33,7 @@ from absl import app, flags
 from launch import run_flags
 from research import runtime
 
-_RUN = flags.DEFINE_string('run', None, 'Run directory: ours, an export, or an HF checkpoint.')
-_STEP = flags.DEFINE_integer('step', -1, 'Checkpoint step (-1: the latest).')
+_RUN, _STEP = run_flags.define_run_flags()
 _STEPS = flags.DEFINE_list('steps', [], 'Several steps (e.g. 100,200,400 or "all"): one '
                            'result per step and the paired change of each task from the '
                            'first to the last step.')
@@ -54,9 +53,7 @@ run_flags.define_config_overrides()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _RUN.value:
-    raise runtime.UserError('--run is required: a launch.train --workdir, an export, or an '
-                            'HF checkpoint directory.')
+  run_flags.required_run(_RUN)
   overrides = run_flags.config_overrides()
   if _EVAL_TOKENS.value is not None:
     overrides['eval_tokens'] = _EVAL_TOKENS.value

@@ -21,10 +21,10 @@ import sys
 
 from absl import app, flags
 
+from launch import run_flags
 from research import runtime
 
-_RUN = flags.DEFINE_string('run', None, 'Run directory: ours, an export, or an HF checkpoint.')
-_STEP = flags.DEFINE_integer('step', -1, 'Checkpoint step (-1: the latest).')
+_RUN, _STEP = run_flags.define_run_flags()
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt (repeat the flag for more).')
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', '', 'A file with one prompt per line '
                                     '(\\n inside a line is a newline).')
@@ -54,9 +54,7 @@ def read_prompts(prompts: list[str], prompts_file: str) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _RUN.value:
-    raise runtime.UserError('--run is required: a launch.train --workdir, an export, or an '
-                            'HF checkpoint directory.')
+  run_flags.required_run(_RUN)
   prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
   temperature = 0.0 if _GREEDY.value else _TEMPERATURE.value
   from research.generation import generate_from_run

@@ -37,7 +37,6 @@ differ on GPU/TPU, so treat the figures as estimates with a margin (see README).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import time

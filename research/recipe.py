@@ -60,10 +60,6 @@ class Context:
   ensure_trained: Callable[[str, str, Any, str], None]
 
 
-def _feature(name: str):
-  return FEATURES[name]
-
-
 # --------------------------------------------------------------------------- sources
 
 
@@ -136,7 +132,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None, *,
   if not train_sources:
     ctx = dataclasses.replace(ctx, ensure_trained=lambda *a: None)
   for name in active_features(config):
-    mod = _feature(name)
+    mod = FEATURES[name]
     if hasattr(mod, 'prepare'):
       mod.prepare(config, workdir, ctx)
 
@@ -146,7 +142,7 @@ def compose_task(config: ml_collections.ConfigDict, workdir: str | None = None) 
   task = make_task(config)
   ctx = _context(workdir)
   for name in active_features(config):
-    task = _feature(name).wrap(task, config, ctx)
+    task = FEATURES[name].wrap(task, config, ctx)
   return task
 
 
@@ -154,7 +150,7 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: str | None):
   """The run's tokenizer: ``data.*``'s, or a feature's source's (an HF tokenizer.json)."""
   tok = tokenizers.make_tokenizer(config.data, workdir)
   for name in active_features(config):
-    mod = _feature(name)
+    mod = FEATURES[name]
     if hasattr(mod, 'tokenizer'):
       tok = mod.tokenizer(config, tok)
   return tok

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from research import runs
+from research import run_logs, runs
 from research import sharding as shd
 from research.config import ConfigError, base_config, override
 
@@ -68,7 +68,7 @@ def kind_of(path: str) -> str:
   if runs.is_hf_dir(path):
     return 'hf'
   if runs.is_run_dir(path):
-    meta = runs._read_json(os.path.join(path, runs.CONFIG))  # pylint: disable=protected-access
+    meta = run_logs.read_json(os.path.join(path, runs.CONFIG))
     return 'export' if 'exported_from' in meta else 'run'
   raise runs.RunError(f'--run={path} is neither a run of ours (config.json written by '
                       f'launch.train) nor a Hugging Face checkpoint directory (config.json '

@@ -30,11 +30,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from research import run_logs
 from research.config import base_config
 from research.runtime import UserError
 
-CONFIG = 'config.json'
-SUMMARY = 'summary.json'
+CONFIG = run_logs.CONFIG
+SUMMARY = run_logs.SUMMARY
 CHECKPOINTS = 'checkpoints'
 
 
@@ -66,20 +67,12 @@ def is_hf_dir(path: str) -> bool:
 
 def is_run_dir(path: str) -> bool:
   """A directory written by our trainer (its config.json has a 'config' section)."""
-  meta = _read_json(os.path.join(path, CONFIG))
+  meta = run_logs.read_json(os.path.join(path, CONFIG))
   return isinstance(meta, dict) and isinstance(meta.get('config'), dict)
 
 
 def is_finished(path: str) -> bool:
   return os.path.exists(os.path.join(path, SUMMARY))
-
-
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -130,7 +123,7 @@ def merge_into(dst: ml_collections.ConfigDict, src: dict[str, Any], where: str =
 
 def read_config(run_dir: str) -> ml_collections.ConfigDict:
   """The config that wrote ``run_dir`` on today's schema."""
-  meta = _read_json(os.path.join(run_dir, CONFIG))
+  meta = run_logs.read_json(os.path.join(run_dir, CONFIG))
   if not isinstance(meta, dict):
     raise RunError(f'{run_dir} has no readable {CONFIG}; point at a --workdir written by '
                    f'launch.train (or at its checkpoints/ directory).')

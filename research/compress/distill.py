@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
