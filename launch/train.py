@@ -11,7 +11,7 @@ Exit codes: 0 done; 1 error (the last line on stderr is ``error: ...``); 75 pree
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from research import config_files, distributed, runtime  # distributed: --coordinator_address etc.
 

@@ -9,6 +9,10 @@ import sys
 import ml_collections
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The multi-process tests' run (tiny.py:smoke=True): 20 steps, a checkpoint and an eval
+# at 10 and 20. conftest.py's reference_losses trains it once in the pytest process.
+MULTI_PROCESS_RUN = {'steps': 20, 'log_every': 1, 'eval_every': 10, 'checkpoint_every': 10,
+                     'num_samples': 0}
 
 
 def smoke_config(**overrides) -> ml_collections.ConfigDict:
@@ -56,3 +60,34 @@ def train_losses(workdir) -> dict[int, float]:
       if row['split'] == 'train':
         out[row['step']] = row['loss']
   return out
+
+
+def assert_one_line_config_error_before_compiling(config, workdir, needles) -> str:
+  """``recipe.run(config)`` raises a one-line ConfigError containing every needle, and
+  nothing was compiled first (nor loaded from the session's compilation cache)."""
+  import jax
+  import pytest
+
+  from research.config import ConfigError
+  from research.recipe import run as train
+  compiles = []
+
+  def listener(event, duration=None, **kwargs):
+    if event in ('/jax/core/compile/backend_compile_duration',
+                 '/jax/compilation_cache/cache_hits'):
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  jax.monitoring.register_event_listener(listener)
+  try:
+    with pytest.raises(ConfigError) as e:
+      train(config, str(workdir))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+    jax.monitoring.unregister_event_listener(listener)
+  msg = str(e.value)
+  assert '\n' not in msg
+  for needle in needles:
+    assert needle in msg, msg
+  assert not compiles, f'failed only after compiling: {msg}'
+  return msg

@@ -109,12 +109,29 @@ def test_structured_export_same_logits(scan):
 # --------------------------------------------------------------------------- runs
 
 
+DISTILLED = 'student-distill-a0.9'
+# The distilled student's run is the sharded distillation run (test_distillation_sharded_run):
+# trained once, by the ablation, under a data x FSDP x tensor mesh instead of plain DP.
+SHARDED_STUDENT = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
+
+
 @pytest.fixture(scope='module')
 def ablation_dir(tmp_path_factory):
   """The smoke ablation (in this process, 8 fake devices): every run once, reused."""
   from research.compress import ablation
+  from research.config import override
   d = str(tmp_path_factory.mktemp('compress'))
-  rc = ablation.run(d, smoke=True)
+  real_plan = ablation.plan
+
+  def plan(*args, **kwargs):
+    runs = real_plan(*args, **kwargs)
+    [student] = [c for name, _, c in runs if name == DISTILLED]
+    override(student, SHARDED_STUDENT)
+    return runs
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(ablation, 'plan', plan)
+    rc = ablation.run(d, smoke=True)
   assert rc == 0, open(os.path.join(d, ablation.TABLE)).read()
   return d
 
@@ -159,18 +176,18 @@ def test_masks_keep_pruned_weights_exactly_zero(ablation_dir):
   assert nm['sparsity'] == pytest.approx(0.5)
 
 
-def test_distillation_sharded_run(ablation_dir, tmp_path):
+def test_distillation_sharded_run(ablation_dir):
+  """The ablation's distilled student (alpha 0.9, T=2), trained under the (2,2,2) mesh."""
   from research import recipe
   from research import sharding as shd
-  from research.recipe import run as train
   from research.train_state import abstract_train_state
   teacher = os.path.join(ablation_dir, 'baseline')
-  over = {'distill.teacher': teacher, 'distill.alpha': 0.9, 'distill.temperature': 2.0,
-          'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2, 'model.d_model': 16,
-          'model.mlp_dim': 32, 'num_samples': 0, 'eval_every': 6, 'checkpoint_every': 6}
-  c = smoke_config(**over)
-  work = str(tmp_path / 'student')
-  summary = train(c, work)
+  work = os.path.join(ablation_dir, DISTILLED)
+  run_cfg = json.load(open(os.path.join(work, 'config.json')))['config']
+  assert (run_cfg['mesh']['data'], run_cfg['mesh']['fsdp'], run_cfg['mesh']['tensor']) == (2, 2, 2)
+  assert run_cfg['distill']['teacher'] == teacher
+  assert (run_cfg['distill']['alpha'], run_cfg['distill']['temperature']) == (0.9, 2.0)
+  summary = json.load(open(os.path.join(work, 'summary.json')))
   rows = [json.loads(l) for l in open(os.path.join(work, 'metrics.jsonl'))]
   train_rows = [r for r in rows if r['split'] == 'train']
   assert train_rows[-1]['distill_kl'] < train_rows[0]['distill_kl']
@@ -182,6 +199,9 @@ def test_distillation_sharded_run(ablation_dir, tmp_path):
   assert summary['param_count'] < 20_000  # The student only; the teacher is not counted.
   assert json.load(open(os.path.join(work, 'teacher.json')))['teacher_params'] > 30_000
   # The teacher: sharded with the student's logical axes, outside the optimizer.
+  over = {'distill.teacher': teacher, 'distill.alpha': 0.9, 'distill.temperature': 2.0,
+          'model.d_model': 16, 'model.mlp_dim': 32, 'num_samples': 0, **SHARDED_STUDENT}
+  c = smoke_config(**over)
   c.model.vocab_size = 259
   c, task, _ = recipe.compose(c, work, build_tokenizer=False)
   mesh = shd.mesh_from_config(c.mesh)

@@ -5,7 +5,8 @@
   1-process batch as their union.
 * Real processes (``launch.local`` on 127.0.0.1, as tests/test_distributed.py): a run of
   tiny.py:smoke=True stopped after step 10 under 2 processes resumes under 1 and under 4
-  processes with the losses of an uninterrupted run. The stop is deterministic: the
+  processes with the losses of an uninterrupted run (one process, 8 devices: the pytest
+  process, conftest.py's reference_losses). The stop is deterministic: the
   first run has ``steps=10`` and the resumed ones ``steps=20``, with
   ``optimizer.decay_steps=20`` in all, so the LR schedule does not depend on ``steps``.
 """
@@ -21,9 +22,9 @@ import sys
 import numpy as np
 import pytest
 
-from research.config import base_config, override
+from research.config import base_config
 from research.data import pipeline, token_store, tokenizers
-from tests.helpers import REPO, train_losses
+from tests.helpers import MULTI_PROCESS_RUN, REPO, train_losses
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -89,9 +90,10 @@ def test_global_state_is_the_same_on_every_process(stdlib_cfg):
 
 # ------------------------------------------------------------------ real processes
 
-FLAGS = ['--config=experiments/pretrain/tiny.py:smoke=True', '--config.log_every=1',
-         '--config.eval_every=10', '--config.checkpoint_every=10', '--config.num_samples=0',
-         '--config.optimizer.decay_steps=20']
+# helpers.MULTI_PROCESS_RUN (its uninterrupted 20 steps: conftest.py's reference_losses,
+# one process with 8 devices) with the steps given per run.
+FLAGS = ['--config=experiments/pretrain/tiny.py:smoke=True', '--config.optimizer.decay_steps=20',
+         *[f'--config.{k}={v}' for k, v in MULTI_PROCESS_RUN.items() if k != 'steps']]
 
 
 def _local(n: int, devices: int, workdir, steps: int, env) -> str:
@@ -104,14 +106,13 @@ def _local(n: int, devices: int, workdir, steps: int, env) -> str:
   return r.stdout
 
 
-def test_stopped_under_2_processes_resumes_under_1_and_4_with_the_same_losses(tmp_path):
+def test_stopped_under_2_processes_resumes_under_1_and_4_with_the_same_losses(
+    tmp_path, reference_losses):
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # launch.local sets each process's device count.
   env['RESEARCH_DATA_CACHE'] = str(tmp_path / 'cache')
-  ref = tmp_path / 'uninterrupted'
-  _local(1, 2, ref, 20, env)
-  want = train_losses(ref)
-  assert sorted(want) == list(range(1, 21))
+  want = reference_losses  # Uninterrupted, one process.
+  assert MULTI_PROCESS_RUN['steps'] == 20 and sorted(want) == list(range(1, 21))
 
   stopped = tmp_path / 'stopped'
   _local(2, 2, stopped, 10, env)

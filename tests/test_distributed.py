@@ -9,7 +9,6 @@ devices in a different order).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -21,38 +20,13 @@ import numpy as np
 import pytest
 
 from research import distributed as dist
-from tests.helpers import REPO, smoke_config, train_losses
+from tests.helpers import MULTI_PROCESS_RUN, REPO, train_losses
 
 RTOL = 1e-5
-STEPS = 20
-# Same run for every launcher: 20 steps, a checkpoint and an eval at 10 and 20.
-OVERRIDES = {'steps': STEPS, 'log_every': 1, 'eval_every': 10, 'checkpoint_every': 10,
-             'num_samples': 0}
+# Same run for every launcher (conftest.py's reference_losses is its one-process run).
+STEPS = MULTI_PROCESS_RUN['steps']
 TRAIN_FLAGS = ['--config=experiments/pretrain/tiny.py:smoke=True'] + [
-    f'--config.{k}={v}' for k, v in OVERRIDES.items()]
-
-
-def single_process_losses(workdir) -> dict[int, float]:
-  """The reference: one process, 8 devices (this pytest process)."""
-  import jax
-  from research.recipe import run as train
-  assert jax.device_count() == 8 and jax.process_count() == 1
-  train(smoke_config(**OVERRIDES), str(workdir))
-  return train_losses(workdir)
-
-
-@pytest.fixture(scope='session')
-def reference_losses(tmp_path_factory) -> dict[int, float]:
-  """single_process_losses, computed once per test session (shared by xdist workers)."""
-  base = tmp_path_factory.getbasetemp()
-  shared = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
-  result = shared / 'single_process_losses.json'
-  with open(shared / 'single_process_losses.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # Other workers wait for the first one's result.
-    if not result.exists():
-      losses = single_process_losses(tmp_path_factory.mktemp('single'))
-      result.write_text(json.dumps(losses))
-  return {int(k): v for k, v in json.loads(result.read_text()).items()}
+    f'--config.{k}={v}' for k, v in MULTI_PROCESS_RUN.items()]
 
 
 def assert_same_losses(got: dict[int, float], want: dict[int, float], min_steps: int) -> None:
@@ -168,18 +142,10 @@ def _wait_for_init(p: subprocess.Popen, n: int, lines: list[str]) -> None:
 
 
 def test_two_processes_match_one_and_resume_after_preemption(tmp_path, reference_losses):
+  """Two processes x 4 devices, preempted once and resumed: every step's loss (those of
+  the first start and those after the resume) equals the one-process run's."""
   want = reference_losses
   assert set(range(2, STEPS + 1)) <= set(want), sorted(want)
-
-  # Uninterrupted: 2 processes x 4 devices.
-  rc, out = _run_local(['--num_processes=2', '--devices_per_process=4', '--',
-                        *TRAIN_FLAGS, f'--workdir={tmp_path / "multi"}'])
-  assert rc == 0, out[-5000:]
-  assert 'jax.distributed: process 1 of 2 via explicit' in out
-  full = train_losses(tmp_path / 'multi')
-  assert_same_losses(full, want, min_steps=STEPS - 1)
-  cfg = json.load(open(tmp_path / 'multi' / 'config.json'))
-  assert (cfg['process_count'], cfg['device_count']) == (2, 8)
 
   # Preempted: SIGTERM to launch.local (forwarded to both processes) once they are up;
   # they agree on a step, save it and exit 75. The rerun resumes and ends the same.
@@ -196,13 +162,20 @@ def test_two_processes_match_one_and_resume_after_preemption(tmp_path, reference
       p.kill()
   out = ''.join(lines) + rest
   assert p.returncode == 75, out[-5000:]
+  assert 'jax.distributed: process 1 of 2 via explicit' in out
   saved = [int(s) for s in os.listdir(wd / 'checkpoints') if s.isdigit()]
   assert len(saved) == 1 and 0 < saved[0] < STEPS, saved
+  first = {s: v for s, v in train_losses(wd).items() if s <= saved[0]}
+  assert first, 'no step logged before the preemption'
   rc, out = _run_local(['--num_processes=2', '--devices_per_process=4', '--', *TRAIN_FLAGS,
                         f'--workdir={wd}'])
   assert rc == 0, out[-5000:]
+  assert 'jax.distributed: process 1 of 2 via explicit' in out
   assert f'Resumed from step {saved[0]}' in out
+  cfg = json.load(open(wd / 'config.json'))
+  assert (cfg['process_count'], cfg['device_count']) == (2, 8)
   resumed = train_losses(wd)
   assert max(resumed) == STEPS
-  assert_same_losses(resumed, full, min_steps=STEPS - saved[0] - 1)
-  assert_same_losses(resumed, want, min_steps=STEPS - saved[0] - 1)
+  assert {s: resumed[s] for s in first} == first  # The first start's rows are kept.
+  # Before the preemption and after the resume alike: the one-process losses.
+  assert_same_losses(resumed, want, min_steps=STEPS - 1)

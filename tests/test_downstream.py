@@ -6,9 +6,7 @@ out by the corpus split)."""
 from __future__ import annotations
 
 import json
-import math
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

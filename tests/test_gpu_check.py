@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from research import gpu_env
-from tests.helpers import REPO, run_cli
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope='module')

@@ -15,7 +15,6 @@ import ast
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 

@@ -98,17 +98,36 @@ def test_nan_skip_drops_the_update_and_counts_it(tmp_path):
 
 # --------------------------------------------------------------------------- checkpoints
 
+# One finished run (checkpoints at steps 2, 4, 6) that the checkpoint tests copy and then
+# damage or resume differently: trained once per module, not once per test.
+FINISHED_FLAGS = [TINY, '--config.steps=6', '--config.checkpoint_every=2',
+                  '--config.keep_checkpoints=3', '--config.log_every=1',
+                  '--config.eval_every=100', '--config.num_samples=0']
 
-def test_mismatched_checkpoint_is_a_clear_error_and_nothing_moves(tmp_path):
-  base = ['launch.train', TINY, f'--workdir={tmp_path}', '--config.num_samples=0']
-  assert run_cli(base + ['--config.steps=3']).returncode == 0
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  wd = tmp_path_factory.mktemp('finished') / 'run'
+  r = run_cli(['launch.train', *FINISHED_FLAGS, f'--workdir={wd}'])
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert _steps(wd) == [2, 4, 6]
+  return wd
+
+
+def _copy_of(finished_run, workdir):
+  shutil.copytree(finished_run, workdir)
+  return workdir
+
+
+def test_mismatched_checkpoint_is_a_clear_error_and_nothing_moves(tmp_path, finished_run):
+  wd = _copy_of(finished_run, tmp_path / 'run')
   # resume_check=False: past the resume fingerprint, into the checkpoint's own check.
-  r = run_cli(base + ['--config.steps=6', '--config.model.d_model=48',
-                      '--config.resume_check=False'])
+  r = run_cli(['launch.train', *FINISHED_FLAGS, f'--workdir={wd}', '--config.steps=8',
+               '--config.model.d_model=48', '--config.resume_check=False'])
   assert r.returncode == 1
   line = _last_line(r.stderr)
-  assert line.startswith('error: checkpoint step 3') and 'does not match' in line, r.stderr[-2000:]
-  assert _steps(tmp_path) == [3] and not os.path.exists(tmp_path / 'checkpoints' / 'corrupt')
+  assert line.startswith('error: checkpoint step 6') and 'does not match' in line, r.stderr[-2000:]
+  assert _steps(wd) == [2, 4, 6] and not os.path.exists(wd / 'checkpoints' / 'corrupt')
 
 
 def _truncate_largest_data_file(step_dir: str) -> str:
@@ -134,17 +153,13 @@ def _delete_array_metadata(step_dir: str) -> str:
 
 @pytest.mark.parametrize('corrupt', [_truncate_largest_data_file, _delete_a_data_file,
                                      _delete_array_metadata])
-def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_step(tmp_path, corrupt):
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_step(tmp_path, corrupt,
+                                                                         finished_run):
   """Step 6 of a finished run goes bad: the rerun says so, keeps it aside, resumes from
   step 4 and ends with the same arrays (bitwise) and losses as the uninterrupted run."""
-  wd = tmp_path / 'run'
-  flags = ['launch.train', TINY, f'--workdir={wd}', '--config.steps=6',
-           '--config.checkpoint_every=2', '--config.keep_checkpoints=3', '--config.log_every=1',
-           '--config.eval_every=100', '--config.num_samples=0']
-  assert run_cli(flags).returncode == 0
-  assert _steps(wd) == [2, 4, 6]
-  reference = tmp_path / 'reference'
-  shutil.copytree(wd, reference)
+  wd = _copy_of(finished_run, tmp_path / 'run')
+  flags = ['launch.train', *FINISHED_FLAGS, f'--workdir={wd}']
+  reference = finished_run
   losses = _losses(wd)
   corrupt(str(wd / 'checkpoints' / '6'))
   # Step 4 lacks Orbax's optional per-step metadata: Orbax would warn "Metadata file
@@ -165,22 +180,20 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_step(tmp_path
   assert [r['step'] for r in _train_rows(wd)] == list(range(1, 7))  # Each step once.
 
 
-def test_no_intact_checkpoint_is_one_line_and_nothing_moves(tmp_path):
-  flags = ['launch.train', TINY, f'--workdir={tmp_path}', '--config.steps=3',
-           '--config.num_samples=0']
-  assert run_cli(flags).returncode == 0
-  state_dir = os.path.join(tmp_path, 'checkpoints', '3', 'state')
-  for root, _, files in os.walk(state_dir):
-    for f in files:
-      with open(os.path.join(root, f), 'wb') as fh:
-        fh.write(b'garbage')
-  r = run_cli(flags[:-2] + ['--config.steps=6'])
+def test_no_intact_checkpoint_is_one_line_and_nothing_moves(tmp_path, finished_run):
+  wd = _copy_of(finished_run, tmp_path / 'run')
+  for step in _steps(wd):  # Every step's arrays are garbage.
+    for root, _, files in os.walk(wd / 'checkpoints' / str(step) / 'state'):
+      for f in files:
+        with open(os.path.join(root, f), 'wb') as fh:
+          fh.write(b'garbage')
+  r = run_cli(['launch.train', *FINISHED_FLAGS, f'--workdir={wd}', '--config.steps=8'])
   assert r.returncode == 1
   line = _last_line(r.stderr)
-  assert line.startswith('error: checkpoint step 3') and 'no earlier step is intact' in line, \
+  assert line.startswith('error: checkpoint step 6') and 'no earlier step is intact' in line, \
       r.stderr[-2000:]
   assert 'Traceback' not in r.stderr
-  assert _steps(tmp_path) == [3]  # Nothing moved or deleted.
+  assert _steps(wd) == [2, 4, 6]  # Nothing moved or deleted.
 
 
 # --------------------------------------------------------------------------- kill -9
@@ -298,12 +311,10 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- quantize
 
 
-def test_quantize_rerun_on_the_same_workdir_recomputes_in_place(tmp_path):
+def test_quantize_rerun_on_the_same_workdir_recomputes_in_place(tmp_path, finished_run):
   """The second PTQ run on one workdir used to fail with "Free disk space or fix
   permissions": the export's Orbax step already existed."""
-  float_run, ptq_run = tmp_path / 'float', tmp_path / 'ptq'
-  assert run_cli(['launch.train', TINY, f'--workdir={float_run}', '--config.steps=2',
-                  '--config.num_samples=0']).returncode == 0
+  float_run, ptq_run = _copy_of(finished_run, tmp_path / 'float'), tmp_path / 'ptq'
   cmd = ['launch.quantize', TINY, f'--workdir={ptq_run}', '--config.quant.mode=ptq',
          '--config.quant.weight_bits=8', f'--config.quant.init_from={float_run}']
   losses = []
@@ -312,4 +323,4 @@ def test_quantize_rerun_on_the_same_workdir_recomputes_in_place(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     losses.append(json.loads((ptq_run / 'quant_summary.json').read_text())['eval_loss'])
   assert losses[0] == losses[1]
-  assert os.listdir(ptq_run / 'export') == ['2']
+  assert os.listdir(ptq_run / 'export') == ['6']  # The float run's last step.

@@ -22,8 +22,7 @@ import pytest
 
 from tests import slurm_cluster
 from tests.helpers import REPO
-from tests.test_distributed import (STEPS, TRAIN_FLAGS, assert_same_losses,  # noqa: F401
-                                    reference_losses, train_losses)
+from tests.test_distributed import STEPS, TRAIN_FLAGS, assert_same_losses, train_losses
 
 
 @pytest.fixture(scope='module')
