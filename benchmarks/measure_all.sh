@@ -7,7 +7,8 @@
 # anyway; the JSON reports record the load before and after every harness run).
 # Writes to OUT_DIR: side_by_side_{small,4x128}.json (3 repeats each, A B A B, both
 # sides pinned to the same cores), quality_4x128.json (2,000 steps, same bytes, same
-# init) and prof_{small,4x128}/summary.json. About 25-35 minutes on 2 cores.
+# init) and prof_{small,4x128}/summary.json (PROFILE=0 skips them). small is nanoGPT's
+# 6x384, block 256, batch 64. About 25-35 minutes on 2 cores.
 set -euo pipefail
 OUT=${1:-/tmp/issue22}
 CORES=${CORES:-$(python -c "import os; print(','.join(map(str, sorted(os.sched_getaffinity(0)))))")}
@@ -30,12 +31,14 @@ python -m launch.benchmark --against=torch --config=experiments/pretrain/small.p
 
 check_idle "side by side, small"
 python -m launch.benchmark --against=torch --config=experiments/pretrain/small.py \
-  --shape=small --repeats=3 --steps=10 --cores="$CORES" \
+  --shape=small --config.batch_size=64 --repeats=3 --steps=10 --cores="$CORES" \
   --out="$OUT/side_by_side_small.json" --keep_dir="$OUT/children_small"
 
-check_idle "profiles"
-python -m benchmarks.profile_step --shape=4x128 --steps=5 --out_dir="$OUT/prof_4x128"
-python -m benchmarks.profile_step --shape=small --steps=3 --out_dir="$OUT/prof_small"
+if [[ "${PROFILE:-1}" == 1 ]]; then
+  check_idle "profiles"
+  python -m benchmarks.profile_step --shape=4x128 --steps=5 --out_dir="$OUT/prof_4x128"
+  python -m benchmarks.profile_step --shape=small --steps=3 --out_dir="$OUT/prof_small"
+fi
 
 # Losses do not depend on the load; last, so a busy machine only delays it.
 python -m benchmarks.equal_quality --shape=4x128 --steps=2000 --eval_every=250 \

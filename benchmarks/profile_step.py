@@ -27,7 +27,7 @@ import os
 import re
 from typing import Any
 
-_SKIP = re.compile(r'^(\$|Thunk|ThreadPool|PjRt|Execute|ExecuteHelper|jit_|np\.|'
+_SKIP = re.compile(r'^(\$|Thunk|ThreadPool|ThreadpoolListener|PjRt|Execute|ExecuteHelper|jit_|np\.|'
                    r'TfrtCpu|Cpu|XlaModule|ProfilerSession|transfer|Wait)')
 
 
@@ -105,8 +105,10 @@ def summarize_trace(out_dir: str, top: int = 25) -> dict[str, Any]:
   """Sums complete ('X') events of the newest Perfetto trace under ``out_dir`` by name.
 
   Only leaf XLA op events are kept: host-side wrappers (``Thunk...``, ``PjRt...``,
-  Python frames) are dropped by name, and an event that encloses another on the same
-  thread is not counted twice (only the innermost events are summed).
+  Python frames) and the thread pool's zero-length markers (``ThreadpoolListener::*``,
+  which sit inside every parallel op and would otherwise hide it) are dropped by name,
+  and an event that encloses another on the same thread is not counted twice (only the
+  innermost events are summed). The total is op time summed over XLA's threads.
   """
   paths = sorted(glob.glob(os.path.join(out_dir, '**', '*.trace.json.gz'), recursive=True),
                  key=os.path.getmtime)
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
   with open(os.path.join(a.out_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   print(f"step {report['step_time_s']:.4f}s (untraced median); traced {a.steps} steps, "
-        f"{summary['total_op_us'] / 1e3 / a.steps:.1f} ms of XLA ops per step")
+        f"{summary['total_op_us'] / 1e3 / a.steps:.1f} ms of XLA op time per step, summed over "
+        f"the threads")
   for k, v in summary['by_kind'].items():
     print(f'  {k:30} {100 * v["share"]:5.1f}%')
   for row in summary['top_ops']:

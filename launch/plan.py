@@ -15,7 +15,7 @@ Cloud's ``v5p-256`` (research/topology.py). It needs libtpu: when this Python ha
 the planner re-executes itself with ``$RESEARCH_TPU_PYTHON`` or
 ``/opt/tpu-venv/bin/python`` (requirements-tpu.txt says how to create it), or says the
 one command that creates it. ``--mesh`` is ``DATA,FSDP,TENSOR`` (or
-``data=2,fsdp=64,tensor=8,sequence=1``); without it the config's ``mesh.*`` apply.
+``data=2,fsdp=64,tensor=8,sequence=1,stage=2``); without it the config's ``mesh.*`` apply.
 Without ``--topology`` the planner fakes that many CPU devices (``--devices=N`` when an
 axis is -1). Exit codes: 0 planned (and fits); 1 an error, or the step does not fit
 (one line ``error: ...`` on stderr after the report). See research/plan.py.
@@ -58,8 +58,8 @@ def _early_mesh(argv: list[str], need_count: bool = True) -> tuple[dict[str, int
       _die(f'--mesh={mesh_arg!r} must be DATA,FSDP,TENSOR (e.g. 1,256,1) or '
            f'name=size pairs (data=2,fsdp=64,tensor=8).')
     for k in mesh:
-      if k not in ('data', 'fsdp', 'tensor', 'sequence', 'expert'):
-        _die(f'--mesh: axis {k!r} is unknown; use data, fsdp, tensor, sequence, expert.')
+      if k not in ('data', 'stage', 'fsdp', 'tensor', 'sequence', 'expert'):
+        _die(f'--mesh: axis {k!r} is unknown; use data, stage, fsdp, tensor, sequence, expert.')
   if not need_count:
     return mesh, 0
   if devices_arg is not None:

@@ -73,7 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # Compute dtype: 'float32' | 'bfloat16'.
   m.param_dtype = 'float32'
   m.scan_layers = True
+  m.scan_unroll = 1  # Scanned layers per loop iteration; 0: all (straight-line code, same params).
   m.remat = 'none'  # 'none' | 'full' | 'dots_saveable' | 'dots_with_no_batch_dims_saveable'
+  # Pipeline parallelism (mesh.stage > 1; research/models/pipeline.py; needs scan_layers).
+  m.pipeline_microbatches = 0  # Micro-batches per step through the stages; 0: mesh.stage.
+  m.pipeline_schedule = 'gpipe'  # 'gpipe' | 'circular' (each stage holds several chunks).
+  m.pipeline_repeats = 0  # circular: trips round the stages; 0: num_layers / mesh.stage.
   m.causal = True  # False: bidirectional encoder.
   m.init_std = 0.02
   m.attention_impl = 'xla'  # 'xla' | 'cudnn' (jax.nn.dot_product_attention implementation)
@@ -81,6 +86,17 @@ def base_config() -> ml_collections.ConfigDict:
   # that transposes the activation instead of the gradient; faster on CPU, not with QAT).
   m.projection_vjp = 'autodiff'
   m.use_bias = False  # Biases on attention and MLP projections (GPT-2 import).
+  # Mixture of experts (research/models/moe.py; README "Mixture of experts").
+  m.moe_num_experts = 0  # Routed experts in every block's feed-forward; 0: dense MLP.
+  m.moe_top_k = 2  # Experts each token is routed to (1..moe_num_experts).
+  m.moe_mlp_dim = 0  # Hidden width of each expert (and shared expert); 0: mlp_dim.
+  m.moe_shared_experts = 0  # Always-active experts beside the routed ones (DeepSeekMoE).
+  # 0: dropless (grouped ragged_dot matmuls); > 0: each expert takes at most
+  # ceil(cf * tokens * top_k / experts) of a device's tokens, the rest are dropped.
+  m.moe_capacity_factor = 0.0
+  m.moe_norm_topk = True  # Top-k router probabilities renormalised to sum to 1 (Mixtral).
+  m.moe_lb_loss = 0.01  # Weight of the load-balancing loss (Switch; 1.0 when balanced).
+  m.moe_z_loss = 0.001  # Weight of the router z-loss (ST-MoE: mean logsumexp(logits)^2).
 
   c.loss = ml_collections.ConfigDict()
   c.loss.z_loss = 0.0  # Weight of the z-loss (log Z)^2 term; PaLM uses 1e-4.
@@ -146,9 +162,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.wandb.entity = ''
   c.wandb.run_name = ''  # '': the workdir's name.
   c.wandb.dir = ''  # '': WORKDIR/wandb.
-  # True: execution choices by backend (research/backend_defaults.py: on CPU the
-  # projections' transpose_input backward, same gradients up to float rounding).
-  c.backend_defaults = False
+  # True: execution choices by backend (research/backend_defaults.py; on CPU: the
+  # projections' transpose_input backward, unrolled layer scan, cache-sized micro-batches;
+  # the same update up to float rounding). False: model.*/optimizer.* run as written.
+  c.backend_defaults = True
 
   c.debug = ml_collections.ConfigDict()
   c.debug.inject_nan_at_step = 0  # Fault injection (tests): NaN gradients at this step.
@@ -193,7 +210,8 @@ def base_config() -> ml_collections.ConfigDict:
   q.symmetric = True  # False: asymmetric weights (min/max + zero point); bits 8 or 4.
   q.clip_ratio = 1.0  # Weight range = clip_ratio x abs-max (min/max); < 1 clips outliers.
   # Module paths (fullmatch) whose matmuls are quantized; embeddings/head excluded.
-  q.targets = r'(.*/)?(attn/(query|key|value|out)|mlp/(wi_0|wi_1|wi|wo))'
+  # MoE experts count as the modules blocks/moe/{wi_0,wi_1,wi,wo} (research/quant/qat.py).
+  q.targets = r'(.*/)?(attn/(query|key|value|out)|mlp/(wi_0|wi_1|wi|wo)|moe/(wi_0|wi_1|wi|wo))'
   # A float run's workdir (or its checkpoints/) whose weights start QAT fine-tuning
   # (mode 'qat'), PTQ (mode 'ptq') or float continued training (mode 'none', the QAT
   # fine-tuning baseline); optimizer state starts fresh. Relative: to --workdir's parent.
@@ -223,8 +241,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # Data parallelism. -1: all remaining devices (one axis at most).
   c.mesh.fsdp = 1  # FSDP/ZeRO-3: weights and optimizer state split on 'embed'.
   c.mesh.tensor = 1  # Megatron tensor parallelism: heads, MLP width, vocabulary.
-  c.mesh.sequence = 1  # Activations' sequence axis split (sequence parallelism seam).
-  c.mesh.expert = 1  # Reserved for mixture-of-experts; must be 1.
+  c.mesh.sequence = 1  # Context parallelism: sequences (batch, activations, weights) split N ways.
+  c.mesh.context_parallel = 'ring'  # Attention when mesh.sequence > 1: 'ring' | 'all_gather' (K/V).
+  c.mesh.sequence_parallel = False  # Megatron SP: residual stream split over 'tensor' along L.
+  c.mesh.expert = 1  # Expert parallelism: MoE experts (and the batch) split N ways.
+  c.mesh.stage = 1  # Pipeline stages: the layer stack split into consecutive blocks.
   c.mesh.dcn_data = 1  # Slices (or processes) the data axis spans over the slow network.
   c.mesh.rules = ''  # 'logical=mesh_axis,...' overriding sharding.DEFAULT_RULES ('embed=none').
   return c

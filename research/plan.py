@@ -190,6 +190,8 @@ def analyze_hlo(text: str) -> dict[str, Any]:
       size = _type_bytes(type_str)
       if op.endswith('-start') and type_str.startswith('('):
         parts = _shape_dims(type_str)  # (operands..., outputs...): count the outputs.
+        # collective-permute-start also carries two u32[] context scalars: not data.
+        parts = [p for p in parts if len(p[1]) or p[0] not in ('u32', 's32')] or parts
         size = sum(_BYTES.get(dt, 4) * math.prod(d) for dt, d in parts[len(parts) // 2:])
       entry_ = current.collectives.setdefault(base, [0, 0])
       entry_[0] += 1
@@ -367,10 +369,17 @@ def analytic_memory(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> 
     ``4 b L kF/t a`` (recomputed first when not saved);
   * the output layer: logits in the compute dtype, their float32 copy and the
     float32 gradient, ``b L V/t (a + 4 + 4)`` (a ``loss.chunk_size`` of C tokens
-    replaces L by C);
+    replaces L by C). Not live together with the layer being differentiated: the
+    loss's forward and backward finish before the backward scan over the layers
+    starts, so the peak holds the larger of the two (the TPU compiler's buffer
+    assignment gives them overlapping offsets: 7B/v5p-256; compared with its
+    ``peak_memory_in_bytes``, README "TPU plans");
   * FSDP: one layer's weights gathered and its gradient before the reduce-scatter
     (2 x one layer, in the parameter dtype); gradient accumulation: one more
     gradient-sized buffer.
+  * pipeline (``mesh.stage`` > 1): the blocks' state split over the stages, the saved
+    activations of ``num_layers / stage`` layers over the schedule's iterations
+    (research/models/pipeline.py), plus its micro-batch buffers.
   """
   from research.models.transformer import padded_vocab_size
   m = config.model
@@ -382,9 +391,14 @@ def analytic_memory(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> 
   pb = 2 if m.param_dtype in ('bfloat16', 'float16') else 4
   n_params = param_count_estimate(m)
   state_shards = fsdp * t
-  params = n_params * pb / state_shards
+  stage = mesh.get('stage', 1)
+  n_held = n_params  # Pipeline: each stage holds num_layers / stage of the blocks.
+  if stage > 1:
+    vocab_params = padded_vocab_size(m.vocab_size) * m.d_model * (1 if m.tie_embeddings else 2)
+    n_held = (n_params - vocab_params) / stage + vocab_params
+  params = n_held * pb / state_shards
   grads = params
-  optimizer = 2 * n_params * 4 / state_shards if config.optimizer.name != 'sgd' else 0.0
+  optimizer = 2 * n_held * 4 / state_shards if config.optimizer.name != 'sgd' else 0.0
   b = config.batch_size / (data * fsdp * k_acc)
   L = config.seq_len / seq
   D, H = m.d_model, dims['head_dim']
@@ -404,6 +418,20 @@ def analytic_memory(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> 
   saved = m.num_layers * per_layer.get(m.remat, per_layer['none'])
   layer_attention = scores * (4 + 4)
   layer_mlp = 4 * tok * kf * F * a
+  pipeline_buffers = 0.0
+  if stage > 1:
+    # research/models/pipeline.py: a stage saves its num_layers/stage layers' inputs
+    # (at least: 'none' acts as 'full') for each of its R*M + S - 1 iterations of b/M
+    # sequences; one micro-batch's layer is differentiated at a time; the input, output
+    # (and circular) buffers hold b sequences each.
+    from research.models import pipeline as pipeline_lib
+    sch = pipeline_lib.resolve_config(m, stage)
+    policy = 'full' if m.remat == 'none' else m.remat
+    saved = (m.num_layers / stage) * (1 + (stage - 1) / (sch.repeats * sch.microbatches)) * (
+        per_layer.get(policy, per_layer['full']))
+    layer_attention /= sch.microbatches
+    layer_mlp /= sch.microbatches
+    pipeline_buffers = tok * D * a * (3 if sch.repeats > 1 and sch.microbatches > stage else 2)
   chunk = config.loss.chunk_size if config.loss.chunk_size and config.seq_len % config.loss.chunk_size == 0 else config.seq_len
   output = b * min(chunk, L) * V * (a + 4 + 4)
   layer_weights = (n_params - padded_vocab_size(m.vocab_size) * D * (1 if m.tie_embeddings else 2)) / m.num_layers
@@ -411,7 +439,7 @@ def analytic_memory(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> 
   fsdp_gather = 2 * largest * pb / t if fsdp > 1 else 0.0
   accumulator = grads if k_acc > 1 else 0.0
   state = params + grads + optimizer
-  activations = saved + layer_attention + layer_mlp + output
+  activations = saved + max(layer_attention + layer_mlp, output) + pipeline_buffers
   total = state + activations + fsdp_gather + accumulator
   return {'params': params, 'grads': grads, 'optimizer': optimizer, 'state': state,
           'saved_per_layer': per_layer.get(m.remat, per_layer['none']), 'saved': saved,
@@ -452,8 +480,16 @@ def _compile_step(config, mesh, rules, ts, task, batch_size, seq_len):
   m = {k: int(getattr(mem, k, 0) or 0) for k in (
       'argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
       'temp_size_in_bytes', 'generated_code_size_in_bytes')}
-  m['peak_bytes'] = (m['argument_size_in_bytes'] + m['output_size_in_bytes']
-                     - m['alias_size_in_bytes'] + m['temp_size_in_bytes'])
+  m['args_out_temp_bytes'] = (m['argument_size_in_bytes'] + m['output_size_in_bytes']
+                              - m['alias_size_in_bytes'] + m['temp_size_in_bytes'])
+  # The TPU compiler's temp_size overstates what its buffer assignment allocates (70B:
+  # 64.5 GiB temp vs 52.7 GiB of preallocated temp); its own out-of-memory check uses
+  # peak_memory_in_bytes (README "Which compiled figure is the peak"). XLA:CPU's
+  # temp_size is the buffer assignment, so the CPU path keeps args + out - alias + temp.
+  peak = int(getattr(mem, 'peak_memory_in_bytes', 0) or 0)
+  tpu = mesh.devices.flat[0].platform == 'tpu'
+  m['peak_source'] = 'peak_memory_in_bytes' if tpu and peak else 'args+out-alias+temp'
+  m['peak_bytes'] = peak if tpu and peak else m['args_out_temp_bytes']
   return compiled, m, {'lower_s': t1 - t0, 'compile_s': t2 - t1}, lowered
 
 
@@ -622,6 +658,9 @@ def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float | None = 
 
   if floor:
     shards = mesh.shape['data'] * mesh.shape['fsdp'] * config.optimizer.grad_accum_steps
+    if mesh.shape.get('stage', 1) > 1:  # Each shard's rows split into the micro-batches.
+      from research.models import pipeline as pipeline_lib
+      shards *= pipeline_lib.resolve_config(config.model, mesh.shape['stage']).microbatches
     floor_seq = min(config.seq_len, max(16, mesh.shape['sequence']))
     _, fmem, ftimes, _ = _compile_step(config, mesh, rules, ts, task, shards, floor_seq)
     report['floor'] = {
@@ -744,7 +783,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"(gradients + activations + work buffers)",
         f"  activations + workspace     {_gib(c['activations_and_workspace'])}   "
         f"(temporaries - gradients)",
-        f"  PEAK args+out-alias+temp    {_gib(c['peak_bytes'])}",
+        f"  args+out-alias+temp         {_gib(c['args_out_temp_bytes'])}",
+        f"  PEAK ({c.get('peak_source', 'args+out-alias+temp')})".ljust(30)
+        + f"{_gib(c['peak_bytes'])}",
     ]
     if r.get('floor'):
       fl = r['floor']
@@ -761,7 +802,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{_gib(an['saved_per_layer']).strip()} per layer)",
         f"  one layer's backward        {_gib(an['layer_attention'] + an['layer_mlp'])}   "
         f"(attention scores/probs and grads; MLP)",
-        f"  output layer                {_gib(an['output_layer'])}   (logits, float32 copy, grad)",
+        f"  output layer                {_gib(an['output_layer'])}   (logits, float32 copy, "
+        f"grad; the larger of these two counts)",
         f"  FSDP gather + accumulator   {_gib(an['fsdp_gather'] + an['accumulator'])}",
         f"  = TOTAL                     {_gib(an['total'])}"
         + (f"   ({100 * m['analytic_vs_compiled']:+.1f}% vs the compiled peak)"

@@ -25,7 +25,6 @@ MaxText's AOT ``train_compile`` answers "does this one config fit"; this answers
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -55,13 +54,14 @@ def candidates(config: ml_collections.ConfigDict, n_devices: int, *,
   m = config.model
   dims = resolved_dims(m)
   remats = list(remats or REMAT_POLICIES)
+  stage = max(int(config.mesh.get('stage', 1)), 1)  # Pipeline stages: kept as given.
   out = []
   for t in tensors:
-    if n_devices % t or m.num_heads % t or (dims['num_kv_heads'] % t and t % dims['num_kv_heads']):
+    if n_devices % (t * stage) or m.num_heads % t or (dims['num_kv_heads'] % t and t % dims['num_kv_heads']):
       continue
     if dims['mlp_dim'] % t:
       continue
-    rest = n_devices // t
+    rest = n_devices // (t * stage)
     for data in _divisors(rest):
       fsdp = rest // data
       if m.d_model % fsdp:
@@ -71,7 +71,7 @@ def candidates(config: ml_collections.ConfigDict, n_devices: int, *,
           continue
         for remat in remats:
           out.append({'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': t,
-                      'mesh.sequence': 1, 'model.remat': remat,
+                      'mesh.sequence': 1, 'mesh.stage': stage, 'model.remat': remat,
                       'optimizer.grad_accum_steps': k})
   return out
 
@@ -140,7 +140,8 @@ def search(config: ml_collections.ConfigDict, *, topology=None,
     c = ml_collections.ConfigDict(base.to_dict())
     override(c, ov)
     mem = plan_lib.analytic_memory(c, dict(data=ov['mesh.data'], fsdp=ov['mesh.fsdp'],
-                                           tensor=ov['mesh.tensor'], sequence=1))
+                                           tensor=ov['mesh.tensor'], sequence=1,
+                                           stage=ov['mesh.stage']))
     est = analytic_step_seconds(c, n, peak, link)
     row = {'overrides': ov, 'analytic_bytes': mem['total'], 'analytic_step_s': est['step_s'],
            'analytic_collective_s': est['collective_s']}
@@ -156,7 +157,8 @@ def search(config: ml_collections.ConfigDict, *, topology=None,
            'mesh.tensor': base.mesh.tensor, 'model.remat': base.model.remat,
            'optimizer.grad_accum_steps': base.optimizer.grad_accum_steps}
   if given['mesh.fsdp'] == -1 and given['mesh.data'] > 0 and given['mesh.tensor'] > 0:
-    given['mesh.fsdp'] = n // (given['mesh.data'] * given['mesh.tensor'])
+    given['mesh.fsdp'] = n // (given['mesh.data'] * given['mesh.tensor']
+                               * max(base.mesh.get('stage', 1), 1))
   baseline = [r for r in screened if all(r['overrides'][k] == v for k, v in given.items())]
   if baseline and max_compiles > 0 and baseline[0] not in screened[:max_compiles]:
     screened.remove(baseline[0])

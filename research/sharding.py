@@ -5,7 +5,7 @@ maps them to mesh axes through a rules table, the way MaxText does. Parameter na
 and activation names differ (``'embed'`` of a weight is FSDP-sharded; ``'act_embed'``
 of an activation is not).
 
-The mesh always has the five axes of :data:`MESH_AXES`; an axis of size 1 costs
+The mesh always has the six axes of :data:`MESH_AXES`; an axis of size 1 costs
 nothing, so one rules table serves every layout and the mesh *shape* chooses the
 parallelism:
 
@@ -19,9 +19,22 @@ parallelism:
   ``mesh.tensor=N``  Megatron-style tensor parallelism: attention heads, the MLP hidden
                      dimension and the vocabulary split N ways inside each layer
                      (column-parallel in, row-parallel out, one all-reduce per block).
-  ``mesh.sequence``  activations' sequence axis split (a seam for sequence/context
-                     parallelism; XLA inserts the attention collectives).
-  ``mesh.expert``    reserved for mixture-of-experts layers (none exist yet): must be 1.
+  ``mesh.sequence``  context parallelism: every sequence (batch columns, activations)
+                     split N ways along its length, weights FSDP-split over it too
+                     (``'embed'`` -> fsdp x sequence); attention is ring or all-gather
+                     over it with causal load balancing (``mesh.context_parallel``,
+                     research/models/context_parallel.py).
+  ``mesh.sequence_parallel``  Megatron sequence parallelism: the residual stream between
+                     blocks split along L over ``tensor`` too (rule ``residual_seq``);
+                     XLA all-gathers it before the column-parallel projections and
+                     reduce-scatters after the row-parallel ones.
+  ``mesh.expert=N``  expert parallelism (research/models/moe.py): the experts of every
+                     MoE layer split N ways ('exp'); the batch is split over it too, so
+                     the rest of the model sees it as data parallelism; tokens reach
+                     their experts by all-to-all.
+  ``mesh.stage=N``   pipeline parallelism (research/models/pipeline.py): the scanned
+                     layer stack split into N consecutive blocks ('layers' -> 'stage'),
+                     micro-batches passed from stage to stage by collective-permutes.
 
 ``mesh.rules`` overrides single rows of :data:`DEFAULT_RULES` (e.g. ``'embed=none'``
 turns FSDP sharding of weights off while keeping the batch split), and
@@ -42,16 +55,26 @@ from flax.core import spmd
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 # Order matters: the last axes vary fastest over the device list, so 'tensor' (the most
-# communication per step) gets neighbouring devices (one NVLink/ICI island).
-MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor', 'expert')
+# communication per step) gets neighbouring devices (one NVLink/ICI island). 'stage'
+# moves the least (one micro-batch's activations to the next stage per iteration,
+# point to point), so it is the slowest-varying axis after 'data' (which alone may span
+# slices over DCN): each stage is one contiguous block of devices, and the FSDP
+# gathers and tensor all-reduces stay inside it (MaxText's order, too).
+MESH_AXES = ('data', 'stage', 'fsdp', 'sequence', 'tensor', 'expert')
 
 Rule = tuple[str, 'str | tuple[str, ...] | None']
 
 # Logical axis -> mesh axes. Every logical name used by a model must appear here.
 DEFAULT_RULES: tuple[Rule, ...] = (
     # Activations.
-    ('batch', ('data', 'fsdp')),
+    ('batch', ('data', 'fsdp', 'expert')),  # 'expert': data-parallel outside the experts.
     ('seq', 'sequence'),
+    # The residual stream's sequence axis between blocks: ('sequence', 'tensor') with
+    # mesh.sequence_parallel (Megatron sequence parallelism).
+    ('residual_seq', 'sequence'),
+    # K/V's sequence axis inside context-parallel attention: the sequence axes = ring
+    # (blocks rotate), none = all-gathered (mesh.context_parallel; models/context_parallel.py).
+    ('kv_seq', 'sequence'),
     ('act_embed', None),
     ('act_heads', 'tensor'),
     ('act_kv_heads', 'tensor'),
@@ -59,13 +82,14 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     ('act_vocab', 'tensor'),
     ('act_kv', None),
     # Parameters.
-    ('layers', None),
+    ('layers', 'stage'),  # Scanned layer stack: consecutive blocks per pipeline stage.
     ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
+    ('embed', ('fsdp', 'sequence')),  # FSDP; context parallelism shards weights too.
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
     ('kv', None),  # head_dim
     ('mlp', 'tensor'),
+    ('exp', 'expert'),  # MoE: the experts of a layer (research/models/moe.py).
     ('norm', None),
     ('pos', None),  # Learned absolute-position table rows.
     ('classes', None),
@@ -84,19 +108,22 @@ def _config_error(message: str) -> Exception:
 
 def validate_mesh_config(mesh_cfg) -> None:
   """Static checks of the ``mesh`` section (no devices needed); one-line errors."""
-  for axis in ('data', 'fsdp', 'sequence', 'tensor', 'expert'):
-    v = mesh_cfg[axis]
+  for axis in MESH_AXES:
+    v = mesh_cfg.get(axis, 1)
     if not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1:
       raise _config_error(f'mesh.{axis}={v!r} must be a positive integer or -1 (all remaining devices).')
-  free = [a for a in ('data', 'fsdp', 'sequence', 'tensor', 'expert') if mesh_cfg[a] == -1]
+  free = [a for a in MESH_AXES if mesh_cfg.get(a, 1) == -1]
   if len(free) > 1:
     raise _config_error(
         f'mesh: only one axis may be -1, got mesh.{free[0]}=-1 and mesh.{free[1]}=-1; '
         f'set mesh.{free[1]} to a number.')
-  if mesh_cfg.expert != 1:
-    raise _config_error(
-        f'mesh.expert={mesh_cfg.expert} but no model has mixture-of-experts layers yet; '
-        f'set mesh.expert=1.')
+  # mesh.expert needs an MoE model whose experts it divides: research/validation.py.
+  if mesh_cfg.get('context_parallel', 'ring') not in ('ring', 'all_gather'):
+    raise _config_error(f"mesh.context_parallel={mesh_cfg.context_parallel!r} is unknown; "
+                        f"use 'ring' or 'all_gather'.")
+  if not isinstance(mesh_cfg.get('sequence_parallel', False), bool):
+    raise _config_error(f'mesh.sequence_parallel={mesh_cfg.sequence_parallel!r} must be '
+                        f'True or False.')
   dcn = mesh_cfg.dcn_data
   if not isinstance(dcn, int) or isinstance(dcn, bool) or dcn < 1:
     raise _config_error(f'mesh.dcn_data={dcn!r} must be a positive integer (1: one slice).')
@@ -138,6 +165,11 @@ def rules_from_config(mesh_cfg) -> tuple[Rule, ...]:
     raise _config_error(
         f"mesh.rules={text!r} must be a string like 'embed=none,mlp=tensor+fsdp'.")
   table = dict(DEFAULT_RULES)
+  # The two switches are rows of the table (mesh.rules may still override them).
+  if mesh_cfg.get('sequence_parallel', False) is True:
+    table['residual_seq'] = ('sequence', 'tensor')
+  if mesh_cfg.get('context_parallel', 'ring') == 'all_gather':
+    table['kv_seq'] = None
   for i, (name, target) in enumerate(parse_rules(text)):
     if name not in table:
       raise _config_error(
@@ -158,7 +190,7 @@ def rules_from_config(mesh_cfg) -> tuple[Rule, ...]:
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, sequence: int = 1,
-              expert: int = 1, dcn_data: int = 1,
+              expert: int = 1, stage: int = 1, dcn_data: int = 1,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A mesh over all devices with Auto axes; one axis may be -1 (the rest).
 
@@ -169,8 +201,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, sequence: int =
   """
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
-  shape = {'data': data, 'fsdp': fsdp, 'sequence': sequence, 'tensor': tensor,
-           'expert': expert}
+  shape = {'data': data, 'stage': stage, 'fsdp': fsdp, 'sequence': sequence,
+           'tensor': tensor, 'expert': expert}
   free = [k for k, v in shape.items() if v == -1]
   if len(free) > 1:
     raise _config_error(f'mesh: only one axis may be -1, got {shape}; set mesh.{free[1]} to a number.')
@@ -239,7 +271,8 @@ def mesh_from_config(mesh_cfg, devices: Sequence[jax.Device] | None = None
   """The mesh a config's ``mesh`` section describes, over ``devices`` (default all)."""
   validate_mesh_config(mesh_cfg)
   return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, sequence=mesh_cfg.sequence,
-                   expert=mesh_cfg.expert, dcn_data=mesh_cfg.dcn_data, devices=devices)
+                   expert=mesh_cfg.expert, stage=mesh_cfg.get('stage', 1),
+                   dcn_data=mesh_cfg.dcn_data, devices=devices)
 
 
 # --------------------------------------------------------------------------- rules

@@ -47,12 +47,15 @@ def check_workdir(workdir: str) -> None:
 
 def check_batch_divisibility(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                              process_count: int) -> None:
-  shards = mesh_shape['data'] * mesh_shape['fsdp']
+  expert = mesh_shape.get('expert', 1)  # The batch is split over 'expert' too (MoE).
+  shards = mesh_shape['data'] * mesh_shape['fsdp'] * expert
+  names = 'mesh.data*mesh.fsdp' + ('*mesh.expert' if expert > 1 else '')
+  sizes = f'{mesh_shape["data"]}*{mesh_shape["fsdp"]}' + (f'*{expert}' if expert > 1 else '')
   b = config.batch_size
   if b % shards:
     raise ConfigError(
-        f'batch_size={b} is not divisible by the data shards mesh.data*mesh.fsdp='
-        f'{mesh_shape["data"]}*{mesh_shape["fsdp"]}={shards}; use a multiple of {shards}.')
+        f'batch_size={b} is not divisible by the data shards {names}={sizes}={shards}; '
+        f'use a multiple of {shards}.')
   if b % process_count:
     raise ConfigError(
         f'batch_size={b} is not divisible by the {process_count} processes; '
@@ -62,11 +65,75 @@ def check_batch_divisibility(config: ml_collections.ConfigDict, mesh_shape: dict
     raise ConfigError(
         f'seq_len={config.seq_len} is not divisible by mesh.sequence={seq}; use a multiple '
         f'of {seq}.')
+  sp = seq * mesh_shape.get('tensor', 1)
+  if config.mesh.get('sequence_parallel', False) and config.seq_len % sp:
+    raise ConfigError(
+        f'mesh.sequence_parallel=True splits the residual stream over mesh.sequence*'
+        f'mesh.tensor={sp} but seq_len={config.seq_len} is not a multiple; use a multiple.')
   k = config.optimizer.grad_accum_steps
   if b % k or (b // k) % shards:
     raise ConfigError(
         f'optimizer.grad_accum_steps={k}: batch_size={b} must split into {k} micro-batches '
         f'each divisible by the {shards} data shards; use batch_size a multiple of {k * shards}.')
+  check_pipeline(config, mesh_shape)  # Micro-batches per shard, with the resolved mesh.
+
+
+def check_pipeline(config: ml_collections.ConfigDict, mesh_shape: dict[str, int] | None = None
+                   ) -> None:
+  """The model.pipeline_* keys, and what mesh.stage > 1 needs (research/models/pipeline.py).
+
+  Without ``mesh_shape`` (before the mesh exists) a ``-1`` stage axis is not checked;
+  with it, the per-shard batch must split into the micro-batches.
+  """
+  from research.models import pipeline
+  m = config.model
+  for key in ('pipeline_microbatches', 'pipeline_repeats'):
+    v = m.get(key, 0)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+      raise ConfigError(f'model.{key}={v!r} must be an integer >= 0 (0: the default).')
+  schedule = m.get('pipeline_schedule', 'gpipe')
+  if schedule not in pipeline.SCHEDULES:
+    raise ConfigError(f'model.pipeline_schedule={schedule!r} is unknown; use one of '
+                      f'{", ".join(map(repr, pipeline.SCHEDULES))}.')
+  stages = (mesh_shape or {}).get('stage', config.mesh.get('stage', 1))
+  if stages in (1, -1):
+    return
+  if not m.scan_layers:
+    raise ConfigError(f'mesh.stage={stages} (pipeline parallelism) needs model.scan_layers=True '
+                      f'(the stacked layers are split over the stages); set it, or mesh.stage=1.')
+  if m.dropout:
+    raise ConfigError(f'mesh.stage={stages} (pipeline parallelism) does not support '
+                      f'model.dropout={m.dropout}; set model.dropout=0.0 or mesh.stage=1.')
+  if schedule == 'gpipe' and m.get('pipeline_repeats', 0) > 1:
+    raise ConfigError(f"model.pipeline_repeats={m.pipeline_repeats} needs "
+                      f"model.pipeline_schedule='circular' (GPipe visits each stage once).")
+  sch = pipeline.resolve_config(m, stages)
+  if m.num_layers % (stages * sch.repeats):
+    raise ConfigError(
+        f'model.num_layers={m.num_layers} is not divisible by mesh.stage*pipeline_repeats='
+        f'{stages}*{sch.repeats}={stages * sch.repeats}; every stage needs the same number '
+        f'of layers per repeat: change num_layers, mesh.stage or model.pipeline_repeats.')
+  if schedule == 'circular' and sch.repeats < 2:
+    raise ConfigError(
+        f"model.pipeline_schedule='circular' with {sch.repeats} repeat is GPipe: set "
+        f"model.pipeline_repeats >= 2 (num_layers={m.num_layers} >= 2*mesh.stage) or "
+        f"model.pipeline_schedule='gpipe'.")
+  if sch.repeats > 1 and sch.microbatches < stages:
+    raise ConfigError(
+        f"model.pipeline_microbatches={sch.microbatches} < mesh.stage={stages}: the circular "
+        f"schedule needs at least one micro-batch per stage; use >= {stages}.")
+  if mesh_shape is None:
+    return
+  shards = math.prod(mesh_shape.get(a, 1) for a in ('data', 'fsdp', 'expert'))
+  k = config.optimizer.grad_accum_steps
+  sizes = {config.batch_size, *tuple(config.batch_ramp.get('batch_sizes', ()) or ())}
+  for b in sorted(sizes):
+    if b % (k * shards) == 0 and (b // (k * shards)) % sch.microbatches:
+      raise ConfigError(
+          f'batch_size={b} gives {b // (k * shards)} sequences per data shard and '
+          f'grad-accumulation step, not divisible by model.pipeline_microbatches='
+          f'{sch.microbatches}; use a batch_size multiple of {k * shards * sch.microbatches} '
+          f'or fewer micro-batches.')
 
 
 def check_tensor_divisibility(model_cfg: ml_collections.ConfigDict, tensor: int) -> None:
@@ -79,6 +146,21 @@ def check_tensor_divisibility(model_cfg: ml_collections.ConfigDict, tensor: int)
     if value % tensor:
       raise ConfigError(
           f'mesh.tensor={tensor} does not divide {key}={value}; use a mesh.tensor that divides it.')
+
+
+def check_expert_mesh(config: ml_collections.ConfigDict) -> None:
+  """mesh.expert > 1 needs MoE layers whose experts it divides; MoE composes with the
+  features whose objective carries its aux losses (not distillation)."""
+  e, ep = config.model.moe_num_experts, config.mesh.expert
+  if ep not in (1, -1) and not e:
+    raise ConfigError(f'mesh.expert={ep} needs mixture-of-experts layers; set '
+                      f'model.moe_num_experts to a multiple of {ep}, or mesh.expert=1.')
+  if e and ep not in (1, -1) and e % ep:
+    raise ConfigError(f'mesh.expert={ep} does not divide model.moe_num_experts={e}; use a '
+                      f'mesh.expert that divides it.')
+  if e and config.distill.teacher:
+    raise ConfigError('distill.teacher is not supported for a mixture-of-experts student '
+                      '(model.moe_num_experts > 0); distil into a dense model.')
 
 
 def check_finite(config: ml_collections.ConfigDict, prefix: str = '') -> None:
@@ -177,6 +259,8 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
   validate_model_config(config.model, config.seq_len)
   cudnn_rules.check(config)  # model.attention_impl='cudnn': what the kernel cannot run.
   validate_mesh_config(config.mesh)
+  check_pipeline(config)  # mesh.stage > 1: what the pipeline needs (static part).
+  check_expert_mesh(config)
   validate_optimizer_config(config.optimizer)
   validate_features(config)
   if config.eval_tasks:

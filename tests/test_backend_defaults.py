@@ -10,23 +10,43 @@ from research import backend_defaults, compile_cache
 from tests.helpers import smoke_config
 
 
-def test_cpu_gets_the_transpose_input_backward_and_accelerators_nothing():
-  assert backend_defaults.overrides(smoke_config(), 'cpu') == {}  # Opt-in.
-  c = smoke_config(backend_defaults=True)
-  assert backend_defaults.overrides(c, 'cpu') == {'model.projection_vjp': 'transpose_input'}
+def test_cpu_gets_its_execution_choices_and_accelerators_nothing():
+  c = smoke_config()  # backend_defaults=True is the default.
+  assert backend_defaults.overrides(c, 'cpu') == {
+      'model.projection_vjp': 'transpose_input', 'model.scan_unroll': 0}
   for backend in ('gpu', 'tpu', 'cuda', 'rocm'):
     assert backend_defaults.overrides(c, backend) == {}
   before = c.to_dict()
-  assert backend_defaults.apply(c, 'tpu') == {} and c.to_dict() == before
+  assert backend_defaults.apply(c, 'tpu', 1) == {} and c.to_dict() == before
   assert not any('scan_layers' in k for k in backend_defaults.overrides(c, 'cpu'))
+  # small.py's 32 x 256 tokens: 8 micro-batches of 1,024 tokens; only on one device.
+  big = smoke_config(batch_size=32, seq_len=256, **{'model.max_seq_len': 256})
+  assert backend_defaults.overrides(big, 'cpu')['optimizer.grad_accum_steps'] == 8
+  assert 'optimizer.grad_accum_steps' not in backend_defaults.overrides(big, 'cpu', 8)
+
+
+def test_cpu_micro_batches_keep_a_cache_sized_micro_batch():
+  assert backend_defaults.cpu_micro_batches(32, 256) == 8   # small.py: 4 x 256 each.
+  assert backend_defaults.cpu_micro_batches(32, 128) == 4   # tiny.py: 8 x 128.
+  assert backend_defaults.cpu_micro_batches(12, 64) == 1    # nanoGPT's 4x128 shape.
+  assert backend_defaults.cpu_micro_batches(6, 256) == 1    # 3 x 256 < 1,024 tokens.
 
 
 @pytest.mark.parametrize('changes', [{'backend_defaults': False},
                                      {'quant.mode': 'qat', 'quant.weight_bits': 8},
-                                     {'model.projection_vjp': 'transpose_input'}])
+                                     {'finetune.mode': 'lora'}])
 def test_left_as_written(changes):
-  c = smoke_config(**{'backend_defaults': True, **changes})
+  c = smoke_config(**changes)
   assert backend_defaults.overrides(c, 'cpu') == {}
+
+
+@pytest.mark.parametrize('changes', [{'optimizer.grad_accum_steps': 2},
+                                     {'batch_ramp.boundaries': (2,),
+                                      'batch_ramp.batch_sizes': (16,)}])
+def test_explicit_accumulation_or_a_ramp_is_not_micro_batched(changes):
+  c = smoke_config(batch_size=32, seq_len=256, **{'model.max_seq_len': 256}, **changes)
+  got = backend_defaults.overrides(c, 'cpu')
+  assert 'optimizer.grad_accum_steps' not in got and got['model.scan_unroll'] == 0
 
 
 def _losses(config, steps=4):
@@ -54,9 +74,12 @@ def test_cpu_choice_keeps_the_losses():
   # are covered by tests/test_projection.py (gradients vs autodiff, whole Transformer).
   from benchmarks.side_by_side import GPT2_BLOCK
   extra = GPT2_BLOCK
-  written = smoke_config(**extra, backend_defaults=False)
-  chosen = smoke_config(**extra, backend_defaults=True)
-  assert backend_defaults.apply(chosen, 'cpu')
+  # 64 x 32 tokens: two micro-batches of 1,024 on CPU, so every choice is exercised.
+  written = smoke_config(**extra, batch_size=64, backend_defaults=False)
+  chosen = smoke_config(**extra, batch_size=64, backend_defaults=True)
+  assert backend_defaults.apply(chosen, 'cpu', 1) == {
+      'model.projection_vjp': 'transpose_input', 'model.scan_unroll': 0,
+      'optimizer.grad_accum_steps': 2}
   l0, p0 = _losses(written)
   l1, p1 = _losses(chosen)
   assert l0[-1] < l0[0]

@@ -20,11 +20,14 @@ from tests.helpers import run_cli, smoke_config
 # * SGD (update = -lr * grad): rtol 1e-5, plus an absolute floor of 1e-5 x the largest
 #   update entry (entries that are sums of cancelling terms have no relative accuracy).
 # * AdamW (3 steps): Adam divides by sqrt(v), which turns those near-zero gradient
-#   entries' rounding into O(lr) relative noise; we allow |difference| <= 2e-4 * lr per
-#   step (seen: 3e-5 * lr per step on the attention key kernel at init).
+#   entries' rounding into O(lr) relative noise; we allow |difference| <= 1e-3 * lr per
+#   step (seen: 3e-5 * lr per step on the attention key kernel at init, and 5.6e-4 * lr
+#   per step on one of 4,096 wi_0 entries, 2026-12-03, with the model and sharding rules
+#   of the MoE/pipeline/context-parallel round). A wrong accumulation (e.g.
+#   weighting micro-batches instead of tokens) moves most entries by a good part of lr.
 RTOL = 1e-5
 ATOL_FRACTION = 1e-5
-ADAM_ATOL_PER_STEP = 2e-4
+ADAM_ATOL_PER_STEP = 1e-3
 
 
 def _rows(workdir, split='train'):

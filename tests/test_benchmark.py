@@ -26,7 +26,8 @@ def test_benchmark_writes_report(tmp_path):
   assert roof['flops'] == max(roof['per_size_flops'].values()) == report['peak_flops_total']
   assert 'measured in the benchmark process' in roof['method']
   assert abs(report['mfu'] - report['model_tflops_per_sec'] * 1e12 / roof['flops']) < 1e-9
-  # The execution choice recipe.run makes on CPU (opted in) is the one benchmarked.
-  assert report['backend_defaults'] == {'model.projection_vjp': 'transpose_input'}
+  # The execution choices recipe.run makes on CPU (on by default) are the ones benchmarked.
+  assert report['backend_defaults'] == {'model.projection_vjp': 'transpose_input',
+                                        'model.scan_unroll': 0}
   assert report['model']['projection_vjp'] == 'transpose_input'
   assert report['compilation_cache_dir'] == str(tmp_path / 'jax_cache')

@@ -2,12 +2,11 @@ r"""Small (~10M parameters) byte-level decoder LM on the built-in corpus.
 
   python -m launch.train --config=experiments/pretrain/small.py --workdir=/tmp/small
 
-About 2 hours on 2 CPU cores (5.8 s per step measured by launch.benchmark); goes
-well below the tiny config's loss.
-Args: ``smoke=True``; ``cpu=True`` runs the same update faster on a CPU: unscanned
-layers, 8 micro-batches of 4 sequences (cache-sized activations) and projections whose
-backward transposes the activation, not the gradient (``model.projection_vjp``);
-launch.benchmark: 2.1 s instead of 5.8 s per step on 2 cores, README "Benchmarking".
+Goes well below the tiny config's loss. On a CPU the run resolves its execution
+choices by backend (research/backend_defaults.py: the projections' transpose_input
+backward, the layer scan unrolled, 8 micro-batches of 4 sequences): the same update,
+README "Benchmarking" has the measured step time.
+Args: ``smoke=True``.
 """
 
 from experiments.common import apply_smoke
@@ -15,7 +14,7 @@ from research.config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-  a = parse_arg(arg, smoke=False, cpu=False)
+  a = parse_arg(arg, smoke=False)
   c = base_config()
   c.name = 'small'
   c.steps = 1200
@@ -32,10 +31,6 @@ def get_config(arg: str | None = None):
   c.model.max_seq_len = 1024
   c.optimizer.learning_rate = 2e-3
   c.optimizer.warmup_steps = 100
-  if a.cpu and not a.smoke:
-    c.model.scan_layers = False
-    c.model.projection_vjp = 'transpose_input'
-    c.optimizer.grad_accum_steps = 8
   if a.smoke:
     apply_smoke(c)
   return c

@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from research.models import projection
+from research.models import context_parallel, projection
 from research.models.layers import normal_init
 from research.sharding import constrain
 
@@ -309,6 +309,11 @@ class Attention(nnx.Module):
 
   def _core(self, q_BLNH, k_BLKH, v_BLKH, *, window, mask_BL, segment_ids_BL):
     """Full self-attention (no cache) with every mask applied."""
+    if context_parallel.active(q_BLNH.shape[1]):  # Sequence split: ring / all-gather.
+      return context_parallel.attention(
+          q_BLNH, k_BLKH, v_BLKH, mask_fn=attention_mask, causal=self.causal, window=window,
+          mask_BL=mask_BL, segment_ids_BL=segment_ids_BL)
+
     def run(window_value):
       plan = plan_attention(self.implementation, causal=self.causal,
                             seq_len=q_BLNH.shape[1], window=window_value, mask_BL=mask_BL,

@@ -18,10 +18,15 @@ Parameter paths (``'/'``-joined, as the optimizer's regex rules see them)::
   blocks/mlp_norm/scale                [(Ly,) D]
   blocks/mlp/{wi_0,wi_1,wi}/kernel     [(Ly,) D, F]       ('embed', 'mlp')
   blocks/mlp/wo/kernel                 [(Ly,) F, D]       ('mlp', 'embed')
+  blocks/moe/router/kernel             [(Ly,) D, E]       ('embed', None)   MoE only
+  blocks/moe/{wi_0,wi_1,wi}            [(Ly,) E, D, F]    ('exp', 'embed', 'mlp')
+  blocks/moe/wo                        [(Ly,) E, F, D]    ('exp', 'mlp', 'embed')
   final_norm/scale                     [D]
   unembed/kernel                       [D, Vp]       ('embed', 'vocab')     untied only
   .../{query,key,value,out,wi,wi_0,wi_1,wo}/bias   output shape   model.use_bias only
 
+With ``model.moe_num_experts`` > 0 (research/models/moe.py) the routed experts are
+``blocks/moe`` and ``blocks/mlp`` is the shared experts' MLP (absent without them).
 ``Vp`` is the vocabulary padded to a multiple of 128 (:func:`padded_vocab_size`).
 With ``scan_layers=True`` block parameters have the leading ``Ly`` axis (logical
 ``'layers'``); with ``scan_layers=False`` the paths are ``blocks/0/...``,
@@ -38,9 +43,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from flax.core import spmd
+from jax.ad_checkpoint import checkpoint_name
 
 from research.config import ConfigError
-from research.models import layers, projection
+from research.models import context_parallel, layers, pipeline, projection
+from research.models import moe as moe_lib
 from research.models.attention import (ROPE_SCALINGS, Attention, RopeScaling,
                                         rope_angles, rope_frequencies)
 from research.sharding import constrain
@@ -129,6 +136,9 @@ def validate_model_config(cfg: ml_collections.ConfigDict, seq_len: int | None = 
     if not _is_int(cfg[key]) or cfg[key] < 0:
       raise ConfigError(
           f'model.{key}={cfg[key]!r} must be an integer >= 0 (0 means {meaning}).')
+  if not _is_int(cfg.scan_unroll) or cfg.scan_unroll < 0:
+    raise ConfigError(f'model.scan_unroll={cfg.scan_unroll!r} must be an integer >= 0 '
+                      f'(layers per scan iteration; 0: all).')
   for key in ('tie_embeddings', 'scan_layers', 'causal', 'use_bias'):
     if not isinstance(cfg[key], bool):
       raise ConfigError(f'model.{key}={cfg[key]!r} must be True or False.')
@@ -172,6 +182,7 @@ def validate_model_config(cfg: ml_collections.ConfigDict, seq_len: int | None = 
     raise ConfigError(f'model.norm_eps={cfg.norm_eps!r} must be > 0 (e.g. 1e-6).')
   if not cfg.init_std > 0:
     raise ConfigError(f'model.init_std={cfg.init_std!r} must be > 0 (e.g. 0.02).')
+  _validate_moe(cfg)
   if seq_len is not None and seq_len > cfg.max_seq_len:
     raise ConfigError(
         f'seq_len={seq_len} exceeds model.max_seq_len={cfg.max_seq_len}; '
@@ -184,6 +195,27 @@ def validate_model_config(cfg: ml_collections.ConfigDict, seq_len: int | None = 
     raise ConfigError(
         f"model.attention_impl='cudnn' needs an NVIDIA GPU but the backend is "
         f"{jax.default_backend()!r}; use model.attention_impl='xla'.")
+
+
+def _validate_moe(cfg: ml_collections.ConfigDict) -> None:
+  """The model.moe_* keys (research/models/moe.py)."""
+  for key in ('moe_num_experts', 'moe_mlp_dim', 'moe_shared_experts'):
+    if not _is_int(cfg[key]) or cfg[key] < 0:
+      raise ConfigError(f'model.{key}={cfg[key]!r} must be an integer >= 0.')
+  for key in ('moe_capacity_factor', 'moe_lb_loss', 'moe_z_loss'):
+    if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float)) or not cfg[key] >= 0:
+      raise ConfigError(f'model.{key}={cfg[key]!r} must be a number >= 0.')
+  if not isinstance(cfg.moe_norm_topk, bool):
+    raise ConfigError(f'model.moe_norm_topk={cfg.moe_norm_topk!r} must be True or False.')
+  e = cfg.moe_num_experts
+  if not e:
+    return
+  if not _is_int(cfg.moe_top_k) or not 1 <= cfg.moe_top_k <= e:
+    raise ConfigError(f'model.moe_top_k={cfg.moe_top_k!r} must be between 1 and '
+                      f'model.moe_num_experts={e}; lower moe_top_k or add experts.')
+  if cfg.use_bias:
+    raise ConfigError('model.use_bias=True is not supported with model.moe_num_experts > 0 '
+                      '(experts have no biases); set model.use_bias=False.')
 
 
 def _validate_rope_scaling(cfg: ml_collections.ConfigDict) -> None:
@@ -241,16 +273,31 @@ class Block(nnx.Module):
         dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=cfg.use_bias,
         projection_vjp=cfg.projection_vjp, window_choices=layer_windows(cfg))
     self.mlp_norm = norm()
-    self.mlp = layers.MLP(cfg.d_model, dims['mlp_dim'], kind=cfg.mlp_kind,
+    # Mixture of experts (research/models/moe.py): routed experts in `moe`; `mlp` is
+    # then the shared experts (one MLP of moe_shared_experts x the expert width) or None.
+    mlp_dim, moe = dims['mlp_dim'], None
+    if cfg.moe_num_experts:
+      expert_dim = cfg.moe_mlp_dim or dims['mlp_dim']
+      mlp_dim = cfg.moe_shared_experts * expert_dim
+      moe = moe_lib.MoE(
+          cfg.d_model, cfg.moe_num_experts, cfg.moe_top_k, expert_dim, kind=cfg.mlp_kind,
+          capacity_factor=cfg.moe_capacity_factor, norm_topk=cfg.moe_norm_topk,
+          init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
+          param_dtype=param_dtype, rngs=rngs)
+    self.moe = moe
+    self.mlp = layers.MLP(cfg.d_model, mlp_dim, kind=cfg.mlp_kind,
                           init_std=cfg.init_std, out_init_std=out_std, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs, use_bias=cfg.use_bias,
-                          projection_vjp=cfg.projection_vjp)
+                          projection_vjp=cfg.projection_vjp) if mlp_dim else None
     self.dropout_rate = float(cfg.dropout)
 
   def __call__(self, x_BLD: jax.Array, *, rope=None, mask_BL=None, segment_ids_BL=None,
                window: int | jax.Array = 0, kv_cache=None, cache_index=None,
                dropout_key: jax.Array | None = None):
-    """Returns ``(x_BLD, new_kv_cache)``; ``dropout_key`` None means no dropout."""
+    """Returns ``(x_BLD, new_kv_cache, aux)``; ``dropout_key`` None means no dropout.
+
+    ``aux``: the MoE layer's auxiliary losses (:data:`moe.AUX_KEYS`), ``{}`` when dense.
+    """
     key0 = key1 = None
     if dropout_key is not None:
       key0, key1 = jax.random.split(dropout_key)
@@ -258,11 +305,20 @@ class Block(nnx.Module):
                                 segment_ids_BL=segment_ids_BL, window=window,
                                 kv_cache=kv_cache, cache_index=cache_index)
     x_BLD = constrain(x_BLD + _dropout(h_BLD, self.dropout_rate, key0),
-                      ('batch', 'seq', 'act_embed'))
-    h_BLD = self.mlp(self.mlp_norm(x_BLD))
+                      ('batch', 'residual_seq', 'act_embed'))
+    h_BLD, aux = self._feed_forward(self.mlp_norm(x_BLD))
     x_BLD = constrain(x_BLD + _dropout(h_BLD, self.dropout_rate, key1),
-                      ('batch', 'seq', 'act_embed'))
-    return x_BLD, kv_cache
+                      ('batch', 'residual_seq', 'act_embed'))
+    return x_BLD, kv_cache, aux
+
+  def _feed_forward(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The dense MLP, or the routed experts plus the shared ones (and their aux losses)."""
+    if self.moe is None:
+      return self.mlp(x_BLD), {}
+    h_BLD, aux = self.moe(x_BLD)
+    if self.mlp is not None:
+      h_BLD = h_BLD + self.mlp(x_BLD)
+    return h_BLD, aux
 
 
 def _unstack_blocks(cfg: ml_collections.ConfigDict, stacked: Block) -> nnx.List:
@@ -314,9 +370,18 @@ class Transformer(nnx.Module):
     self.rope_theta = float(cfg.rope_theta)
     self.rope_scaling = RopeScaling.from_config(cfg)
     self.layer_windows = layer_windows(cfg)
+    self.causal = bool(cfg.causal)
     self.tie_embeddings = bool(cfg.tie_embeddings)
     self.scan_layers = bool(cfg.scan_layers)
+    # How many scanned layers one loop iteration runs; 0: all of them, straight-line
+    # code over the same stacked parameters (research/backend_defaults.py, CPU).
+    self.scan_unroll = 0 if cfg.scan_unroll >= cfg.num_layers else int(cfg.scan_unroll)
     self.remat = cfg.remat
+    # Used when the mesh has a 'stage' axis > 1 (research/models/pipeline.py). A tuple:
+    # static module attributes are hashed into the graph definition (a dict is not).
+    self.pipeline = (('microbatches', int(cfg.get('pipeline_microbatches', 0))),
+                     ('schedule', str(cfg.get('pipeline_schedule', 'gpipe'))),
+                     ('repeats', int(cfg.get('pipeline_repeats', 0))))
     self.dropout_rate = float(cfg.dropout)
     self.dtype = layers.to_dtype(cfg.dtype)
     param_dtype = layers.to_dtype(cfg.param_dtype)
@@ -354,34 +419,92 @@ class Transformer(nnx.Module):
     static_window = self.layer_windows[0] if uniform else 0
     windows = None if uniform else jnp.asarray(self.layer_windows, jnp.int32)
 
-    def apply_block(block: Block, x_BLD, key, layer_kv, window):
+    def apply_block(block: Block, x_BLD, key, layer_kv, window, side):
+      rope, mask_BL, segment_ids_BL = side  # Per micro-batch under a pipeline.
       return block(x_BLD, rope=rope, mask_BL=mask_BL, segment_ids_BL=segment_ids_BL,
                    window=static_window if window is None else window,
                    kv_cache=layer_kv, cache_index=index, dropout_key=key)
 
     if self.remat != 'none':
-      # Under scan, CSE across iterations is impossible anyway: prevent_cse=False
-      # lets XLA optimise more (the JAX docs' recommendation).
+      # Under a rolled scan, CSE across iterations is impossible anyway: prevent_cse=False
+      # lets XLA optimise more (the JAX docs' recommendation); unrolled, it is needed.
+      rolled = self.scan_layers and self.scan_unroll == 1
       apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat],
-                              prevent_cse=not self.scan_layers)
+                              prevent_cse=not rolled)
 
-    if self.scan_layers:
+    side = (rope, mask_BL, segment_ids_BL)
+
+    def run_stack(blocks, x_BLD, layer_keys, kv, windows, side):
       @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: 'layers'})
+                unroll=self.scan_unroll or True, transform_metadata={nnx.PARTITION_NAME: 'layers'})
       def scan_blocks(block, x_BLD, key, layer_kv, window):
-        return apply_block(block, x_BLD, key, layer_kv, window)
-      return scan_blocks(self.blocks, x_BLD, layer_keys, kv, windows)
+        # Named for the pipeline's rematerialisation policy; a no-op otherwise.
+        x_BLD = checkpoint_name(x_BLD, pipeline.LAYER_INPUT)
+        x_BLD, layer_kv, aux = apply_block(block, x_BLD, key, layer_kv, window, side)
+        return x_BLD, (layer_kv, aux)  # MoE aux losses stacked over the layers.
+      return scan_blocks(blocks, x_BLD, layer_keys, kv, windows)
 
-    new_k, new_v = [], []
+    stages = pipeline.active_stages()
+    if stages > 1 and cache is None:  # Decoding (a KV cache) runs the plain scan.
+      x_BLD, aux = self._pipelined(run_stack, x_BLD, windows, side, stages,
+                                   layer_keys is not None)
+      return x_BLD, None, aux
+    if self.scan_layers:
+      x_BLD, (new_kv, aux) = run_stack(self.blocks, x_BLD, layer_keys, kv, windows, side)
+      return x_BLD, new_kv, {k: jnp.mean(v) for k, v in aux.items()}
+
+    new_k, new_v, auxes = [], [], []
     for i, block in enumerate(self.blocks):
       layer_kv = None if kv is None else (kv[0][i], kv[1][i])
       key = None if layer_keys is None else layer_keys[i]
       window = None if windows is None else windows[i]
-      x_BLD, layer_kv = apply_block(block, x_BLD, key, layer_kv, window)
+      x_BLD, layer_kv, aux = apply_block(block, x_BLD, key, layer_kv, window, side)
+      auxes.append(aux)
       if layer_kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
-    return x_BLD, (None if kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+    aux = {k: jnp.mean(jnp.stack([a[k] for a in auxes])) for k in auxes[0]}  # Layer mean.
+    return x_BLD, (None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))), aux
+
+  def _pipelined(self, run_stack, x_BLD, windows, side, stages: int, dropout: bool):
+    """The block stack through the ``stage`` mesh axis (research/models/pipeline.py).
+
+    Returns ``(x_BLD, aux)``; MoE aux losses are the mean over layers and micro-batches
+    (each micro-batch's own routing statistics, as under gradient accumulation).
+    """
+    if not self.scan_layers or dropout:
+      what = 'model.scan_layers=False' if not self.scan_layers else 'model.dropout > 0'
+      raise ConfigError(f'mesh.stage={stages} (pipeline parallelism) does not support '
+                        f'{what}; set mesh.stage=1 or change that key.')
+    schedule = pipeline.resolve(stages, num_layers=self.num_layers, **dict(self.pipeline))
+    batch_spec, shards = None, 1
+    rules = spmd.get_logical_axis_rules()
+    if rules:
+      from research.sharding import logical_to_mesh_spec
+      batch_spec = logical_to_mesh_spec(('batch',), rules)[0]
+      sizes = dict(jax.sharding.get_abstract_mesh().shape)
+      shards = math.prod(sizes[a] for a in (
+          (batch_spec,) if isinstance(batch_spec, str) else batch_spec or ()))
+    if x_BLD.shape[0] % (schedule.microbatches * shards):
+      # A batch that does not split into micro-batches per data shard (downstream
+      # scoring, an odd eval batch; validation keeps training batches divisible): the
+      # plain scan, with the stage-split weights gathered by XLA.
+      x_BLD, (_, aux) = run_stack(self.blocks, x_BLD, None, None, windows, side)
+      return x_BLD, {k: jnp.mean(v) for k, v in aux.items()}
+    graphdef, block_state = nnx.split(self.blocks)
+
+    def stage_fn(stage_layers, x_bLD, side_b):
+      stage_state, stage_windows = stage_layers
+      blocks = nnx.merge(graphdef, stage_state)
+      out, (_, aux) = run_stack(blocks, x_bLD, None, None, stage_windows, side_b)
+      return out, {k: jnp.sum(v, axis=0) for k, v in aux.items()}  # Over the stage's layers.
+
+    spec = jax.sharding.PartitionSpec(batch_spec, jax.sharding.PartitionSpec.UNCONSTRAINED,
+                                      jax.sharding.PartitionSpec.UNCONSTRAINED)
+    x_BLD, aux = pipeline.run(stage_fn, (block_state, windows), x_BLD, side, schedule,
+                              remat_policy=REMAT_POLICIES[self.remat], activation_spec=spec)
+    count = self.num_layers * schedule.microbatches
+    return x_BLD, {k: v / count for k, v in aux.items()}
 
   def logits(self, x_BLD: jax.Array) -> jax.Array:
     """Final-normed hidden states -> logits ``[B, L, V]`` in the compute dtype."""
@@ -397,7 +520,7 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
                cache: KVCache | None = None, deterministic: bool = True,
                return_hidden: bool = False, mask_BL: jax.Array | None = None,
-               segment_ids_BL: jax.Array | None = None):
+               segment_ids_BL: jax.Array | None = None, return_aux: bool = False):
     """Logits ``[B, L, V]`` in the compute dtype (the loss upcasts to float32).
 
     Args:
@@ -415,12 +538,21 @@ class Transformer(nnx.Module):
         their segment (0 = packing padding). Pass ``positions_BL`` from
         :func:`research.models.attention.document_positions` for positions that
         restart per document. Not supported together with ``cache``.
+      return_aux: return ``(out, aux)``: the mixture-of-experts layers' auxiliary
+        losses (``moe.AUX_KEYS``, float32 means over the layers; ``{}`` when dense).
+        Not supported together with ``cache``.
     """
     B, L = tokens_BL.shape
     index = None if cache is None else cache['index']
     if positions_BL is None:
       start = 0 if index is None else index
       positions_BL = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
+    # Context parallelism, causal: the load-balanced (zigzag) sequence order inside the
+    # blocks; the hidden states are put back in order before the head.
+    zigzag = cache is None and context_parallel.uses_zigzag(L, self.causal)
+    if zigzag:
+      tokens_BL, positions_BL, mask_BL, segment_ids_BL = context_parallel.to_zigzag(
+          tokens_BL, positions_BL, mask_BL, segment_ids_BL)
 
     keys = None
     if not deterministic and self.dropout_rngs is not None:
@@ -430,19 +562,22 @@ class Transformer(nnx.Module):
     if self.positions == 'learned':
       x_BLD = x_BLD + self.pos_embed(positions_BL)
     x_BLD = _dropout(x_BLD, self.dropout_rate, None if keys is None else keys[0])
-    x_BLD = constrain(x_BLD, ('batch', 'seq', 'act_embed'))
+    x_BLD = constrain(x_BLD, ('batch', 'residual_seq', 'act_embed'))
     rope = None
     if self.positions == 'rope':
       inv_freq, scale = rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
       rope = rope_angles(positions_BL, inv_freq, scale)
 
-    x_BLD, new_kv = self._apply_blocks(x_BLD, rope=rope, mask_BL=mask_BL,
-                                       segment_ids_BL=segment_ids_BL, cache=cache,
-                                       layer_keys=None if keys is None else keys[1:])
+    with context_parallel.layout(zigzag):
+      x_BLD, new_kv, aux = self._apply_blocks(x_BLD, rope=rope, mask_BL=mask_BL,
+                                              segment_ids_BL=segment_ids_BL, cache=cache,
+                                              layer_keys=None if keys is None else keys[1:])
+    if zigzag:
+      x_BLD = context_parallel.from_zigzag(x_BLD)
     x_BLD = self.final_norm(x_BLD)
     out = x_BLD if return_hidden else self.logits(x_BLD)
     if cache is None:
-      return out
+      return (out, aux) if return_aux else out
     return out, {'k': new_kv[0], 'v': new_kv[1], 'index': index + L}
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
@@ -460,16 +595,22 @@ class Transformer(nnx.Module):
 
 
 def count_params(model: nnx.Module) -> dict[str, int]:
-  """``total``, ``embedding`` and ``non_embedding`` parameter counts.
+  """``total``, ``embedding``, ``non_embedding``, ``active`` and ``active_non_embedding``.
 
   ``embedding`` counts only lookup tables that do no matmul: the learned position
   table, and the token table when the output head is untied. A tied token table is
   also the output projection, so it counts as non-embedding (nanoGPT's convention),
   which makes ``6 * non_embedding`` include the output layer's FLOPs for MFU.
   Vocabulary padding rows (:data:`VOCAB_PAD_MULTIPLE`) are not counted.
+  ``active*``: what one token's forward pass multiplies with: a mixture-of-experts
+  layer's routed experts count ``top_k / num_experts`` of their weights (the router
+  and shared experts in full), so ``6 * active_non_embedding`` is the MoE's 6N.
+  Equal to ``total`` / ``non_embedding`` for a dense model.
   """
-  total = embedding = 0
+  total = embedding = inactive = 0
   vocab = getattr(model, 'vocab_size', None)
+  moe_share = next((m.top_k / m.num_experts for _, m in nnx.iter_modules(model)
+                    if isinstance(m, moe_lib.MoE)), 1.0)
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     n = int(math.prod(var.shape))
     top = str(path[0])
@@ -478,4 +619,8 @@ def count_params(model: nnx.Module) -> dict[str, int]:
     total += n
     if top == 'pos_embed' or (top == 'embed' and not getattr(model, 'tie_embeddings', True)):
       embedding += n
-  return {'total': total, 'embedding': embedding, 'non_embedding': total - embedding}
+    names = [str(p) for p in path]
+    if 'moe' in names and names[-1] in ('wi_0', 'wi_1', 'wi', 'wo'):  # Routed experts.
+      inactive += n - round(n * moe_share)
+  return {'total': total, 'embedding': embedding, 'non_embedding': total - embedding,
+          'active': total - inactive, 'active_non_embedding': total - embedding - inactive}
