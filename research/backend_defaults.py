@@ -45,6 +45,12 @@ import ml_collections
 CPU_MICRO_BATCH_TOKENS = 1024
 
 
+# model.* keys that apply() may set: how the model's computation is laid out, not its
+# parameters. A run's config.json records the resolved values; a consumer that rebuilds
+# the same model next to load_run_model's (PTQ's integer model) takes them from the run.
+MODEL_EXECUTION_KEYS = ('projection_vjp', 'scan_unroll')
+
+
 def cpu_micro_batches(batch_size: int, seq_len: int) -> int:
   """The most micro-batches that keep at least CPU_MICRO_BATCH_TOKENS tokens each."""
   best = 1

@@ -186,7 +186,7 @@ def test_quant_config_errors_are_one_line():
 def float_run(tmp_path_factory):
   from research.recipe import run as train
   d = tmp_path_factory.mktemp('quant') / 'float'
-  train(smoke_config(**{'num_samples': 0, 'eval_steps': 2}), str(d))
+  train(smoke_config(**{'num_samples': 0, 'eval_steps': 2}), str(d))  # Backend defaults on.
   return d
 
 
