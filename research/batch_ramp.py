@@ -154,7 +154,8 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int] | Non
         f'steps={config.steps}; use steps after which the batch changes.')
   ramp = BatchRamp.from_config(config)
   if mesh_shape is not None and ramp.active:
-    shards = mesh_shape['data'] * mesh_shape['fsdp']
+    from research.sharding import batch_shards  # Imports JAX: only with a mesh shape.
+    shards = batch_shards(mesh_shape)
     k = config.optimizer.grad_accum_steps
     need = math.lcm(k * shards, process_count)
     for s in ramp.sizes[:-1]:

@@ -29,7 +29,8 @@ def evaluate_run(run: str, step: int = -1, overrides: dict | None = None,
     from research.config import ConfigError
     from research.validation import validate_config
     validate_config(loaded.config)
-    shards = loaded.mesh.shape['data'] * loaded.mesh.shape['fsdp']
+    from research.sharding import batch_shards
+    shards = batch_shards(dict(loaded.mesh.shape))
     if loaded.config.batch_size % shards:
       raise ConfigError(f'batch_size={loaded.config.batch_size} must be a multiple of the '
                         f'{shards} data shards of this mesh; pass --config.batch_size='

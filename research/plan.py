@@ -391,10 +391,10 @@ def analytic_memory(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> 
   pb = 2 if m.param_dtype in ('bfloat16', 'float16') else 4
   n_params = param_count_estimate(m)
   state_shards = fsdp * t
+  vocab_params = padded_vocab_size(m.vocab_size) * m.d_model * (1 if m.tie_embeddings else 2)
   stage = mesh.get('stage', 1)
   n_held = n_params  # Pipeline: each stage holds num_layers / stage of the blocks.
   if stage > 1:
-    vocab_params = padded_vocab_size(m.vocab_size) * m.d_model * (1 if m.tie_embeddings else 2)
     n_held = (n_params - vocab_params) / stage + vocab_params
   params = n_held * pb / state_shards
   grads = params
@@ -434,7 +434,7 @@ def analytic_memory(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> 
     pipeline_buffers = tok * D * a * (3 if sch.repeats > 1 and sch.microbatches > stage else 2)
   chunk = config.loss.chunk_size if config.loss.chunk_size and config.seq_len % config.loss.chunk_size == 0 else config.seq_len
   output = b * min(chunk, L) * V * (a + 4 + 4)
-  layer_weights = (n_params - padded_vocab_size(m.vocab_size) * D * (1 if m.tie_embeddings else 2)) / m.num_layers
+  layer_weights = (n_params - vocab_params) / m.num_layers
   largest = max(layer_weights, padded_vocab_size(m.vocab_size) * D)  # A layer, or the embedding.
   fsdp_gather = 2 * largest * pb / t if fsdp > 1 else 0.0
   accumulator = grads if k_acc > 1 else 0.0
@@ -657,7 +657,7 @@ def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float | None = 
   mem['analytic_vs_compiled'] = an['total'] / max(cmem['peak_bytes'], 1) - 1.0
 
   if floor:
-    shards = mesh.shape['data'] * mesh.shape['fsdp'] * config.optimizer.grad_accum_steps
+    shards = shd.batch_shards(dict(mesh.shape)) * config.optimizer.grad_accum_steps
     if mesh.shape.get('stage', 1) > 1:  # Each shard's rows split into the micro-batches.
       from research.models import pipeline as pipeline_lib
       shards *= pipeline_lib.resolve_config(config.model, mesh.shape['stage']).microbatches

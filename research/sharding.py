@@ -278,6 +278,14 @@ def mesh_from_config(mesh_cfg, devices: Sequence[jax.Device] | None = None
 # --------------------------------------------------------------------------- rules
 
 
+def batch_shards(mesh_shape: dict[str, int]) -> int:
+  """How many ways the default rules split the batch: the product of the mesh axes the
+  ``'batch'`` row maps to (data, FSDP and expert; size-1 or absent axes count 1)."""
+  target = dict(DEFAULT_RULES)['batch']
+  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  return math.prod(mesh_shape.get(a, 1) for a in axes)
+
+
 def logical_to_mesh_spec(names: Sequence[str | None], rules=DEFAULT_RULES) -> P:
   """``('batch', 'seq')`` -> ``P(('data', 'fsdp'), 'sequence')``."""
   table = dict(rules)

@@ -23,7 +23,7 @@ from research.models import cudnn_rules
 from research.models.transformer import resolved_dims, validate_model_config
 from research.optim import validate_optimizer_config
 from research import wandb_writer
-from research.sharding import validate_mesh_config
+from research.sharding import batch_shards, validate_mesh_config
 
 POSITIVE_INT_KEYS = ('steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
                      'checkpoint_every', 'keep_checkpoints')
@@ -48,7 +48,7 @@ def check_workdir(workdir: str) -> None:
 def check_batch_divisibility(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
                              process_count: int) -> None:
   expert = mesh_shape.get('expert', 1)  # The batch is split over 'expert' too (MoE).
-  shards = mesh_shape['data'] * mesh_shape['fsdp'] * expert
+  shards = batch_shards(mesh_shape)
   names = 'mesh.data*mesh.fsdp' + ('*mesh.expert' if expert > 1 else '')
   sizes = f'{mesh_shape["data"]}*{mesh_shape["fsdp"]}' + (f'*{expert}' if expert > 1 else '')
   b = config.batch_size
@@ -124,7 +124,7 @@ def check_pipeline(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]
         f"schedule needs at least one micro-batch per stage; use >= {stages}.")
   if mesh_shape is None:
     return
-  shards = math.prod(mesh_shape.get(a, 1) for a in ('data', 'fsdp', 'expert'))
+  shards = batch_shards(mesh_shape)
   k = config.optimizer.grad_accum_steps
   sizes = {config.batch_size, *tuple(config.batch_ramp.get('batch_sizes', ()) or ())}
   for b in sorted(sizes):

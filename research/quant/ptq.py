@@ -104,16 +104,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, load_run_model) -> dict
   check_source(run_dir, config)
   float_cfg = _with_mode(config, 'none')
   float_cfg.quant.init_from = ''
-  # The integer model below is built from this task, the fake-quant one from the run's
-  # model (load_run_model): both get the source's resolved execution keys (e.g. the CPU
-  # backend defaults' scan_unroll), so they are the same program up to quantization.
-  source_model = runs.read_config(run_dir).model
-  for key in backend_defaults.MODEL_EXECUTION_KEYS:
-    float_cfg.model[key] = source_model[key]
-  task = make_task(float_cfg)  # Float structure; quantization is applied below.
 
   with shd.use_mesh(mesh, rules):
-    float_model, _, step = load_run_model(run_dir, mesh=mesh)
+    float_model, source_cfg, step = load_run_model(run_dir, mesh=mesh)
+    # The integer model below is built from this task, the fake-quant one from the run's
+    # model: both get the source's resolved execution keys (e.g. the CPU backend
+    # defaults' scan_unroll), so they are the same program up to quantization.
+    for key in backend_defaults.MODEL_EXECUTION_KEYS:
+      float_cfg.model[key] = source_cfg.model[key]
+    task = make_task(float_cfg)  # Float structure; quantization is applied below.
     # A source trained with transpose_input projections (CPU backend defaults): the
     # fake-quant model needs the plain ops too, or qwix's interception would run inside
     # the custom VJP (as quantize_to_integers does for the integer model).
