@@ -64,6 +64,8 @@ def main(argv):
       raise runtime.UserError(str(e)) from None
     print(side_by_side.format_table(report))
     return
+  from research import backend_defaults
+  backend_defaults.set_cpu_devices(_CONFIG.value)  # As launch.train: before JAX starts.
   from research.benchmark import run_benchmark
   report = run_benchmark(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
                          started_unix=_STARTED_UNIX.value or _STARTED)

@@ -27,7 +27,9 @@ def main(argv):
     raise runtime.UserError('--workdir is required; pass --workdir=DIR (a writable directory).')
   from research.validation import check_workdir
   check_workdir(workdir)  # Writable, before the log file and the lock go into it.
-  distributed.initialize_from_flags()  # Multi-process jobs only; before any JAX work.
+  if distributed.initialize_from_flags() is None:  # Multi-process jobs only; before JAX.
+    from research import backend_defaults
+    backend_defaults.set_cpu_devices(_CONFIG.value)  # One process: a CPU device per core.
   import jax
   from research import workdir_lock
   index = jax.process_index()

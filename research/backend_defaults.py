@@ -16,11 +16,15 @@ config a user runs is the fast one everywhere (``backend_defaults=True``, the de
   - ``model.scan_unroll=0``: the scanned layer stack runs as straight-line code over
     the same stacked parameters (XLA:CPU otherwise copies each layer's residuals into
     and out of stacked buffers); the parameter tree and checkpoints are unchanged.
-  - ``optimizer.grad_accum_steps``: on one device, a batch of more than
-    :data:`CPU_MICRO_BATCH_TOKENS` tokens is split into micro-batches of about that
-    many tokens (activations that stay in cache). Gradient accumulation here is exact
-    (token-weighted), so the update is the same up to float rounding; not with a batch
-    ramp or an explicit ``grad_accum_steps``.
+  - one CPU device per core (:func:`set_cpu_devices`, before JAX starts; a single
+    process, the default mesh, ``model.d_model <= CPU_DEVICES_MAX_D_MODEL``): the
+    batch is split over the cores as data parallelism instead of every small op being
+    split over threads (the update is the same up to the order of the gradient sum).
+  - ``optimizer.grad_accum_steps``: with at most one device per core, a batch of more
+    than :data:`CPU_MICRO_BATCH_TOKENS` tokens is split into micro-batches of about
+    that many tokens in all (activations that stay in cache). Gradient accumulation
+    here is exact (token-weighted), so the update is the same up to float rounding;
+    not with a batch ramp or an explicit ``grad_accum_steps``.
 * GPU/TPU: nothing changes.
 
 ``model.scan_layers`` itself is deliberately not switched: it changes the parameter
@@ -35,6 +39,7 @@ The persistent compilation cache, the other start-up choice, is
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
@@ -42,7 +47,14 @@ import ml_collections
 # Tokens per micro-batch on one CPU device; the fastest of 1..32 micro-batches of the
 # small config (8,192 tokens per step): 8 micro-batches of 4 x 256 tokens (README
 # "Benchmarking").
+# The same 1,024 tokens in all are the best micro-batch with one device per core (two
+# devices x 512 tokens; README "Benchmarking").
 CPU_MICRO_BATCH_TOKENS = 1024
+
+# One CPU device per core was measured faster for d_model 128 (1.3-1.5x), 256 (1.14x)
+# and 384 (1.05x) on 2 cores and not measured wider, where the ops are big enough for
+# XLA's threads and every device would hold its own copy of the parameters.
+CPU_DEVICES_MAX_D_MODEL = 384
 
 
 # model.* keys that apply() may set: how the model's computation is laid out, not its
@@ -51,17 +63,60 @@ CPU_MICRO_BATCH_TOKENS = 1024
 MODEL_EXECUTION_KEYS = ('projection_vjp', 'scan_unroll')
 
 
-def cpu_micro_batches(batch_size: int, seq_len: int) -> int:
-  """The most micro-batches that keep at least CPU_MICRO_BATCH_TOKENS tokens each."""
+def cpu_micro_batches(batch_size: int, seq_len: int, devices: int = 1) -> int:
+  """The most micro-batches that keep at least CPU_MICRO_BATCH_TOKENS tokens each (in
+  all, over ``devices``), each one dividing over the devices."""
   best = 1
   for k in range(1, batch_size + 1):
-    if batch_size % k == 0 and batch_size // k * seq_len >= CPU_MICRO_BATCH_TOKENS:
+    if (batch_size % k == 0 and (batch_size // k) % devices == 0
+        and batch_size // k * seq_len >= CPU_MICRO_BATCH_TOKENS):
       best = k
   return best
 
 
+def usable_cores() -> int:
+  return len(os.sched_getaffinity(0))
+
+
+def cpu_device_count(config: ml_collections.ConfigDict, cores: int) -> int:
+  """How many CPU devices a one-process CPU run of ``config`` is split over: one per
+  core (the most that divide the batch) when the backend defaults apply, the mesh is
+  the default (data over all devices) and the model is narrow; else 1."""
+  from research.feature_validation import active_features
+  m = config.mesh
+  default_mesh = (m.data == -1 and m.get('dcn_data', 1) == 1 and all(
+      m.get(axis, 1) == 1 for axis in ('stage', 'fsdp', 'sequence', 'tensor', 'expert')))
+  if (not config.get('backend_defaults', False) or active_features(config)
+      or not default_mesh or config.model.d_model > CPU_DEVICES_MAX_D_MODEL
+      or config.batch_ramp.boundaries):
+    return 1
+  n = max(1, cores)
+  while n > 1 and config.batch_size % n:
+    n -= 1
+  return n
+
+
+def set_cpu_devices(config: ml_collections.ConfigDict) -> int:
+  """Gives JAX's CPU backend :func:`cpu_device_count` devices; call before anything
+  starts JAX's backends, in a single-process run. Left alone (returns 0) when the count
+  is already chosen (``--xla_force_host_platform_device_count``, ``jax_num_cpu_devices``),
+  JAX_PLATFORMS names no CPU first, or the backends are up. On GPU/TPU the CPU devices
+  go unused, so nothing changes there."""
+  import jax
+  from jax._src import xla_bridge
+  platforms = os.environ.get('JAX_PLATFORMS', '') or (jax.config.jax_platforms or '')
+  if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+      or jax.config.jax_num_cpu_devices != -1 or xla_bridge.backends_are_initialized()
+      or (platforms and platforms.split(',')[0] != 'cpu')):
+    return 0
+  n = cpu_device_count(config, usable_cores())
+  if n > 1:
+    jax.config.update('jax_num_cpu_devices', n)
+  return n
+
+
 def overrides(config: ml_collections.ConfigDict, backend: str,
-              device_count: int = 1) -> dict[str, Any]:
+              device_count: int = 1, cores: int | None = None) -> dict[str, Any]:
   """The dotted-key changes :func:`apply` makes to ``config`` on ``backend``."""
   from research.feature_validation import active_features
   if not config.get('backend_defaults', False) or backend != 'cpu' or active_features(config):
@@ -71,9 +126,10 @@ def overrides(config: ml_collections.ConfigDict, backend: str,
     out['model.projection_vjp'] = 'transpose_input'
   if config.model.scan_layers and config.model.scan_unroll == 1:
     out['model.scan_unroll'] = 0
-  if (device_count == 1 and config.optimizer.grad_accum_steps == 1
+  cores = usable_cores() if cores is None else cores
+  if (device_count <= max(1, cores) and config.optimizer.grad_accum_steps == 1
       and not config.batch_ramp.boundaries):
-    k = cpu_micro_batches(config.batch_size, config.seq_len)
+    k = cpu_micro_batches(config.batch_size, config.seq_len, device_count)
     if k > 1:
       out['optimizer.grad_accum_steps'] = k
   return out

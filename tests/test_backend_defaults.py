@@ -22,7 +22,10 @@ def test_cpu_gets_its_execution_choices_and_accelerators_nothing():
   # small.py's 32 x 256 tokens: 8 micro-batches of 1,024 tokens; only on one device.
   big = smoke_config(batch_size=32, seq_len=256, **{'model.max_seq_len': 256})
   assert backend_defaults.overrides(big, 'cpu')['optimizer.grad_accum_steps'] == 8
-  assert 'optimizer.grad_accum_steps' not in backend_defaults.overrides(big, 'cpu', 8)
+  # 8 fake devices on 2 cores (the test meshes): more devices than cores, none.
+  assert 'optimizer.grad_accum_steps' not in backend_defaults.overrides(big, 'cpu', 8, cores=2)
+  # One device per core: 1,024 tokens in all, 512 on each of the two.
+  assert backend_defaults.overrides(big, 'cpu', 2, cores=2)['optimizer.grad_accum_steps'] == 8
 
 
 def test_cpu_micro_batches_keep_a_cache_sized_micro_batch():
@@ -30,6 +33,52 @@ def test_cpu_micro_batches_keep_a_cache_sized_micro_batch():
   assert backend_defaults.cpu_micro_batches(32, 128) == 4   # tiny.py: 8 x 128.
   assert backend_defaults.cpu_micro_batches(12, 64) == 1    # nanoGPT's 4x128 shape.
   assert backend_defaults.cpu_micro_batches(6, 256) == 1    # 3 x 256 < 1,024 tokens.
+  assert backend_defaults.cpu_micro_batches(32, 128, 2) == 4  # 2 devices x 4 x 128.
+  assert backend_defaults.cpu_micro_batches(12, 128, 8) == 1  # 12 / k never splits 8 ways.
+
+
+def test_one_cpu_device_per_core_for_narrow_models_on_the_default_mesh():
+  c = smoke_config(batch_size=12)
+  assert backend_defaults.cpu_device_count(c, cores=2) == 2
+  assert backend_defaults.cpu_device_count(c, cores=8) == 6  # The most dividing 12.
+  assert backend_defaults.cpu_device_count(smoke_config(batch_size=7), cores=2) == 1
+  for changes in ({'backend_defaults': False}, {'mesh.fsdp': 2}, {'mesh.data': 2},
+                  {'model.d_model': 512, 'model.num_heads': 8},
+                  {'quant.mode': 'qat', 'quant.weight_bits': 8},
+                  {'batch_ramp.boundaries': (2,), 'batch_ramp.batch_sizes': (6,)}):
+    assert backend_defaults.cpu_device_count(smoke_config(batch_size=12, **changes),
+                                             cores=2) == 1, changes
+
+
+_SET_DEVICES = '''
+import jax
+from research import backend_defaults
+from tests.helpers import smoke_config
+c = smoke_config(batch_size=12)
+print(backend_defaults.set_cpu_devices(c), jax.device_count(),
+      backend_defaults.cpu_device_count(c, backend_defaults.usable_cores()))
+'''
+
+
+@pytest.mark.parametrize('forced', [False, True])
+def test_set_cpu_devices_before_jax_starts(forced):
+  # A fresh process: JAX's backends start once. A device count the user (or a test's
+  # XLA_FLAGS) chose is left alone.
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  if forced:
+    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', _SET_DEVICES], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  returned, devices, wanted = map(int, out.stdout.split())
+  if forced:
+    assert (returned, devices) == (0, 3)
+  else:
+    assert returned == wanted == devices
 
 
 @pytest.mark.parametrize('changes', [{'backend_defaults': False},
