@@ -5,9 +5,11 @@ import os
 # LLVM's optimisation level 0 for XLA:CPU's generated code: the suite's programs are
 # small and compile for longer than they run (test_sharding.py: 141 -> 114 CPU-s); the
 # HLO passes, and so what is computed, are unchanged. Subprocesses inherit it.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8'
-                           ' --xla_backend_optimization_level=0').strip()
+_flags = os.environ.get('XLA_FLAGS', '').split()
+for _flag in ('--xla_force_host_platform_device_count=8', '--xla_backend_optimization_level=0'):
+  if _flag not in _flags:  # xdist workers inherit the controller's environment.
+    _flags.append(_flag)
+os.environ['XLA_FLAGS'] = ' '.join(_flags)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 

@@ -24,11 +24,18 @@ def smoke_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def suite_xla_flags() -> str:
+  """The suite's XLA_FLAGS (tests/conftest.py) without its device count, for a child
+  process that chooses its own (launch.local, a subprocess with N devices)."""
+  return ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
+                  if not f.startswith('--xla_force_host_platform_device_count'))
+
+
 def run_cli(args: list[str], *, devices: int = 1, timeout: int = 600, env=None
             ) -> subprocess.CompletedProcess:
   """Runs ``python -m <args>`` from the repo root with N fake CPU devices."""
   e = dict(os.environ)
-  e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  e['XLA_FLAGS'] = f'{suite_xla_flags()} --xla_force_host_platform_device_count={devices}'
   e['JAX_PLATFORMS'] = 'cpu'
   e.update(env or {})
   return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=e, timeout=timeout,

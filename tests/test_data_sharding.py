@@ -24,7 +24,7 @@ import pytest
 
 from research.config import base_config
 from research.data import pipeline, token_store, tokenizers
-from tests.helpers import MULTI_PROCESS_RUN, REPO, train_losses
+from tests.helpers import MULTI_PROCESS_RUN, REPO, train_losses, suite_xla_flags
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -109,7 +109,7 @@ def _local(n: int, devices: int, workdir, steps: int, env) -> str:
 def test_stopped_under_2_processes_resumes_under_1_and_4_with_the_same_losses(
     tmp_path, reference_losses):
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)  # launch.local sets each process's device count.
+  env['XLA_FLAGS'] = suite_xla_flags()  # launch.local sets each process's device count.
   env['RESEARCH_DATA_CACHE'] = str(tmp_path / 'cache')
   want = reference_losses  # Uninterrupted, one process.
   assert MULTI_PROCESS_RUN['steps'] == 20 and sorted(want) == list(range(1, 21))

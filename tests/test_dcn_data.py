@@ -18,7 +18,7 @@ import pytest
 
 from research import sharding as shd
 from research.config import ConfigError
-from tests.helpers import REPO
+from tests.helpers import REPO, suite_xla_flags
 
 
 def fake(i: int, process: int, slice_index):
@@ -47,7 +47,7 @@ def test_mismatched_dcn_data_names_the_count_and_the_fix():
 def test_two_processes_train_with_dcn_data_2(tmp_path):
   """launch.local: 2 processes x 2 CPU devices, the data axis laid out across them."""
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = suite_xla_flags()  # launch.local sets each process's device count.
   wd = tmp_path / 'dcn'
   r = subprocess.run(
       [sys.executable, '-m', 'launch.local', '--num_processes=2', '--devices_per_process=2',

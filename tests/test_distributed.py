@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from research import distributed as dist
-from tests.helpers import MULTI_PROCESS_RUN, REPO, train_losses
+from tests.helpers import MULTI_PROCESS_RUN, REPO, train_losses, suite_xla_flags
 
 RTOL = 1e-5
 # Same run for every launcher (conftest.py's reference_losses is its one-process run).
@@ -38,7 +38,7 @@ def assert_same_losses(got: dict[int, float], want: dict[int, float], min_steps:
 
 def _local(args: list[str], workdir=None, **popen) -> subprocess.Popen:
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)  # launch.local sets the device count of each process.
+  env['XLA_FLAGS'] = suite_xla_flags()  # launch.local sets each process's device count.
   return subprocess.Popen([sys.executable, '-m', 'launch.local', *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 

@@ -287,8 +287,11 @@ def test_tpu_retry_on_preemption(tmp_path, fakes):
 
 
 def test_local_dry_run_round_trip():
+  # As a user with no XLA_FLAGS of their own (the suite's are passed through, but for
+  # the device count, which launch.local replaces).
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   r = _cli('launch.local', '--num_processes=2', '--devices_per_process=4', '--port=1234',
-           '--dry_run', '--', *HOSTILE)
+           '--dry_run', '--', *HOSTILE, env=env)
   assert r.returncode == 0, r.stderr
   cmds = [shlex.split(block) for block in _split_commands(r.stdout)]
   assert len(cmds) == 2
