@@ -104,13 +104,14 @@ def override_flags(shape: str, gpt2_block: bool, user_config_flags: list[str]) -
 
 
 def child_env(threads: int, jax_cache: str = '') -> dict[str, str]:
-  """One CPU device for ours (no fake-device flag inherited from a test run), the
+  """Ours chooses its CPU devices as a user's run does (no fake-device flag inherited
+  from a test run: research/backend_defaults.py gives it one per pinned core), the
   thread count for torch's OpenMP/MKL pools, and ours' persistent compilation cache."""
+  from research.backend_defaults import xla_flags_with_cpu_devices
   env = dict(os.environ)
   if jax_cache:
     env['JAX_COMPILATION_CACHE_DIR'] = jax_cache
-  xla = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
-                 if not f.startswith('--xla_force_host_platform_device_count'))
+  xla = xla_flags_with_cpu_devices(env.get('XLA_FLAGS', ''), None)
   if xla:
     env['XLA_FLAGS'] = xla
   else:

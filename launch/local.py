@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import shlex
 import signal
 import subprocess
@@ -34,6 +33,7 @@ import time
 
 from absl import app, flags
 
+from research.backend_defaults import xla_flags_with_cpu_devices
 from research.runtime import EXIT_PREEMPTED
 
 def pick_port() -> int:
@@ -44,8 +44,7 @@ def pick_port() -> int:
 def process_env(base: dict[str, str], devices: int) -> dict[str, str]:
   """``base`` with CPU platform and ``devices`` fake devices (other XLA flags kept)."""
   env = dict(base)
-  xla = re.sub(r'--xla_force_host_platform_device_count=\S*', '', env.get('XLA_FLAGS', ''))
-  env['XLA_FLAGS'] = f'{xla.strip()} --xla_force_host_platform_device_count={devices}'.strip()
+  env['XLA_FLAGS'] = xla_flags_with_cpu_devices(env.get('XLA_FLAGS', ''), devices)
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONUNBUFFERED'] = '1'
   # The explicit flags win; stale cluster variables must not confuse detection.
@@ -59,8 +58,7 @@ def gpu_process_envs(base: dict[str, str], num_processes: int, gpus: int
   """One env per process: its own ``gpus`` GPUs and the GPU flags (research/gpu_env.py)."""
   from research import gpu_env
   env = dict(base)
-  env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\S*', '',
-                            env.get('XLA_FLAGS', '')).strip()
+  env['XLA_FLAGS'] = xla_flags_with_cpu_devices(env.get('XLA_FLAGS', ''), None)
   if env.get('JAX_PLATFORMS', '') == 'cpu':
     env.pop('JAX_PLATFORMS')
   env.update(gpu_env.gpu_env(env))

@@ -88,9 +88,8 @@ def _die(message: str) -> None:
 
 def _fake_devices(n: int) -> None:
   os.environ['JAX_PLATFORMS'] = 'cpu'
-  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
-          if not f.startswith('--xla_force_host_platform_device_count')]
-  os.environ['XLA_FLAGS'] = ' '.join(kept + [f'--xla_force_host_platform_device_count={n}'])
+  from research.backend_defaults import xla_flags_with_cpu_devices
+  os.environ['XLA_FLAGS'] = xla_flags_with_cpu_devices(os.environ.get('XLA_FLAGS', ''), n)
 
 
 def _ensure_libtpu(argv: list[str]) -> None:

@@ -44,12 +44,14 @@ from typing import Any
 
 import ml_collections
 
-# Tokens per micro-batch on one CPU device; the fastest of 1..32 micro-batches of the
-# small config (8,192 tokens per step): 8 micro-batches of 4 x 256 tokens (README
-# "Benchmarking").
-# The same 1,024 tokens in all are the best micro-batch with one device per core (two
-# devices x 512 tokens; README "Benchmarking").
+# Tokens per micro-batch, in all over the process's CPU devices; on one device the
+# fastest of 1..32 micro-batches of the small config (8,192 tokens per step) was 8 of
+# 4 x 256 tokens, and with one device per core two devices x 512 tokens beat 2 x 1,024
+# (README "Benchmarking").
 CPU_MICRO_BATCH_TOKENS = 1024
+
+# The XLA flag that fixes the number of CPU devices (tests, launch.local, launch.plan).
+CPU_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 # One CPU device per core was measured faster for d_model 128 (1.3-1.5x), 256 (1.14x)
 # and 384 (1.05x) on 2 cores and not measured wider, where the ops are big enough for
@@ -78,14 +80,22 @@ def usable_cores() -> int:
   return len(os.sched_getaffinity(0))
 
 
+def xla_flags_with_cpu_devices(xla_flags: str, devices: int | None) -> str:
+  """``xla_flags`` with its CPU device count replaced by ``devices`` (``None``: removed,
+  so the process chooses its own); every other flag kept in order."""
+  kept = [f for f in xla_flags.split() if not f.startswith(CPU_DEVICE_COUNT_FLAG)]
+  return ' '.join(kept + ([f'{CPU_DEVICE_COUNT_FLAG}={devices}'] if devices else []))
+
+
 def cpu_device_count(config: ml_collections.ConfigDict, cores: int) -> int:
   """How many CPU devices a one-process CPU run of ``config`` is split over: one per
   core (the most that divide the batch) when the backend defaults apply, the mesh is
   the default (data over all devices) and the model is narrow; else 1."""
   from research.feature_validation import active_features
+  from research.sharding import MESH_AXES
   m = config.mesh
   default_mesh = (m.data == -1 and m.get('dcn_data', 1) == 1 and all(
-      m.get(axis, 1) == 1 for axis in ('stage', 'fsdp', 'sequence', 'tensor', 'expert')))
+      m.get(axis, 1) == 1 for axis in MESH_AXES if axis != 'data'))
   if (not config.get('backend_defaults', False) or active_features(config)
       or not default_mesh or config.model.d_model > CPU_DEVICES_MAX_D_MODEL
       or config.batch_ramp.boundaries):
@@ -105,7 +115,7 @@ def set_cpu_devices(config: ml_collections.ConfigDict) -> int:
   import jax
   from jax._src import xla_bridge
   platforms = os.environ.get('JAX_PLATFORMS', '') or (jax.config.jax_platforms or '')
-  if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+  if (CPU_DEVICE_COUNT_FLAG in os.environ.get('XLA_FLAGS', '')
       or jax.config.jax_num_cpu_devices != -1 or xla_bridge.backends_are_initialized()
       or (platforms and platforms.split(',')[0] != 'cpu')):
     return 0

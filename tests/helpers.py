@@ -27,15 +27,16 @@ def smoke_config(**overrides) -> ml_collections.ConfigDict:
 def suite_xla_flags() -> str:
   """The suite's XLA_FLAGS (tests/conftest.py) without its device count, for a child
   process that chooses its own (launch.local, a subprocess with N devices)."""
-  return ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
-                  if not f.startswith('--xla_force_host_platform_device_count'))
+  from research.backend_defaults import xla_flags_with_cpu_devices
+  return xla_flags_with_cpu_devices(os.environ.get('XLA_FLAGS', ''), None)
 
 
 def run_cli(args: list[str], *, devices: int = 1, timeout: int = 600, env=None
             ) -> subprocess.CompletedProcess:
   """Runs ``python -m <args>`` from the repo root with N fake CPU devices."""
   e = dict(os.environ)
-  e['XLA_FLAGS'] = f'{suite_xla_flags()} --xla_force_host_platform_device_count={devices}'
+  from research.backend_defaults import xla_flags_with_cpu_devices
+  e['XLA_FLAGS'] = xla_flags_with_cpu_devices(os.environ.get('XLA_FLAGS', ''), devices)
   e['JAX_PLATFORMS'] = 'cpu'
   e.update(env or {})
   return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=e, timeout=timeout,
